@@ -1,0 +1,34 @@
+# pagedkv developer entry points. `make test` and `make demo` create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PACKAGES := . $(sort $(dir $(wildcard backends/*/pyproject.toml))) conformance
+PYTEST_FLAGS ?=
+
+.PHONY: test test-all demo bench lint install clean
+
+$(STAMP): requirements-dev.txt pyproject.toml $(wildcard backends/*/pyproject.toml) conformance/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps $(foreach p,$(PACKAGES),-e $(p))
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_FLAGS)
+
+test-all: lint
+	$(PY) -m pytest -q $(PYTEST_FLAGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/pagedkv demo
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -m benchmark --benchmark-enable --benchmark-columns=min,median,mean,rounds $(PYTEST_FLAGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks .hypothesis

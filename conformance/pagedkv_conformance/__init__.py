@@ -1,0 +1,1 @@
+"""The pagedkv conformance suite."""

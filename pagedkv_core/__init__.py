@@ -1,0 +1,75 @@
+"""pagedkv: a paged KV-cache layer with pluggable device backends.
+
+The core decides *which* blocks hold what; a backend (NumPy, PyTorch, CuPy,
+MLX, or your own) moves the bytes and runs paged attention.
+"""
+
+from .attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex, check_batch, check_query
+from .backend import Backend, BackendSpec, Capabilities, Probe
+from .block_pool import BlockPool
+from .block_table import BlockTable
+from .config import AllocationRequest, CacheConfig, PrefixCacheConfig, PressureThresholds
+from .errors import *  # noqa: F403
+from .errors import __all__ as _errors_all
+from .interfaces import (
+    AdvancedKvCacheManager,
+    BlockAllocator,
+    KvCacheHandle,
+    KvCacheManager,
+    MultiDeviceCacheManager,
+)
+from .manager import PagedKvCacheManager
+from .metadata import BatchMetadata
+from .multi_device import MultiDeviceManager
+from .plugins import BackendRegistry, available_backends, default_registry, get_backend, register_backend
+from .policies import (
+    EvictionCandidate,
+    EvictionPolicy,
+    LfuPolicy,
+    LongestFirstPolicy,
+    LruPolicy,
+    PriorityPolicy,
+    SequenceInfo,
+    SlidingWindowPolicy,
+    StreamingLLMPolicy,
+    make_policy,
+)
+from .pressure import MemoryPressure
+from .sequence import PagedKvCacheHandle, SeqState
+from .stats import (
+    CacheGcStats,
+    CacheHandleStats,
+    CacheManagerStats,
+    CompressionStats,
+    DefragmentResult,
+    EvictionResult,
+    FragmentationStats,
+)
+from .storage import BlockStorage, HostBlocks, NumpyHostBlocks, StorageChecks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # configuration and requests
+    "CacheConfig", "PrefixCacheConfig", "PressureThresholds", "AllocationRequest",
+    # interfaces
+    "BlockAllocator", "KvCacheHandle", "KvCacheManager", "AdvancedKvCacheManager", "MultiDeviceCacheManager",
+    "EvictionPolicy", "MemoryPressure",
+    # the reference implementation
+    "PagedKvCacheManager", "PagedKvCacheHandle", "SeqState", "MultiDeviceManager", "BlockPool", "BlockTable",
+    "BatchMetadata",
+    # policies
+    "LruPolicy", "LfuPolicy", "LongestFirstPolicy", "PriorityPolicy", "StreamingLLMPolicy", "SlidingWindowPolicy",
+    "EvictionCandidate", "SequenceInfo", "make_policy",
+    # stats
+    "CacheManagerStats", "CacheHandleStats", "CacheGcStats", "CompressionStats", "FragmentationStats",
+    "DefragmentResult", "EvictionResult",
+    # the backend contract
+    "Backend", "BackendSpec", "Capabilities", "Probe", "BlockStorage", "HostBlocks", "NumpyHostBlocks",
+    "StorageChecks", "Attention", "AttentionBase", "AttentionParams", "AttentionPlan", "BatchIndex",
+    "check_batch", "check_query",
+    # plugins
+    "BackendRegistry", "available_backends", "default_registry", "get_backend", "register_backend",
+    *_errors_all,
+]

@@ -1,0 +1,180 @@
+"""The block pool: ids, ref counts, an O(1) free queue and the prefix-hash index.
+
+Free queue order (the eviction order of cached blocks): blocks are handed out
+from the *head*; a block whose ref count drops to zero is appended at the
+*tail*. A freed block that still holds a cached prefix stays findable through
+the hash index until it reaches the head and is handed out again (lazy
+eviction, as in vLLM's free block queue), so the least recently freed cached
+block is the first to lose its contents. A cache hit on a free block takes it
+out of the middle of the queue in O(1): the queue is an intrusive doubly
+linked list over two int lists, with a sentinel at index ``num_blocks``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator
+
+from .errors import InvalidBlock, OutOfBlocks
+
+__all__ = ["BlockPool"]
+
+
+class BlockPool:
+    """Physical block bookkeeping; never touches K/V bytes."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, max_cached: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_cached = max_cached
+        self.clock = clock
+        self.ref = [0] * num_blocks
+        self.block_hash: list[Hashable | None] = [None] * num_blocks
+        self.cached: dict[Hashable, int] = {}
+        # free blocks that still hold a cached prefix, least recently freed first
+        self.free_cached: dict[int, float] = {}
+        sentinel = num_blocks
+        self._next = list(range(1, num_blocks + 1)) + [0]
+        self._prev = [sentinel] + list(range(num_blocks))
+        self._next[sentinel] = 0 if num_blocks else sentinel
+        self._prev[sentinel] = num_blocks - 1 if num_blocks else sentinel
+        self.num_free = num_blocks
+        self.evicted_cached = 0  # cached blocks whose contents were reused for new data
+
+    # -- the free queue --------------------------------------------------------
+
+    def _unlink(self, block: int) -> None:
+        prev, nxt = self._prev[block], self._next[block]
+        self._next[prev] = nxt
+        self._prev[nxt] = prev
+        self._prev[block] = self._next[block] = -1
+        self.num_free -= 1
+
+    def _append(self, block: int) -> None:
+        sentinel = self.num_blocks
+        tail = self._prev[sentinel]
+        self._next[tail] = block
+        self._prev[block] = tail
+        self._next[block] = sentinel
+        self._prev[sentinel] = block
+        self.num_free += 1
+
+    def free_queue(self) -> Iterator[int]:
+        """Free block ids in the order they will be handed out."""
+        sentinel = self.num_blocks
+        block = self._next[sentinel]
+        while block != sentinel:
+            yield block
+            block = self._next[block]
+
+    def rebuild_free_queue(self, order: Iterable[int]) -> None:
+        """Replace the queue with ``order`` (used by defragmentation)."""
+        sentinel = self.num_blocks
+        self._next[sentinel] = self._prev[sentinel] = sentinel
+        self._next[:sentinel] = [-1] * sentinel
+        self._prev[:sentinel] = [-1] * sentinel
+        self.num_free = 0
+        for block in order:
+            self._append(block)
+
+    # -- allocation --------------------------------------------------------------
+
+    def allocate(self, count: int) -> list[int]:
+        """Take ``count`` blocks from the head of the queue, each with ref count 1."""
+        if count > self.num_free:
+            raise OutOfBlocks(count, self.num_free)
+        out = []
+        sentinel = self.num_blocks
+        nxt, ref = self._next, self.ref
+        for _ in range(count):
+            block = nxt[sentinel]
+            self._unlink(block)
+            if self.block_hash[block] is not None:
+                self._forget_hash(block)
+                self.evicted_cached += 1
+            ref[block] = 1
+            out.append(block)
+        return out
+
+    def incref(self, block: int) -> None:
+        """Take one more reference; a free block (a cache hit) leaves the queue."""
+        if self.ref[block] == 0:
+            self._unlink(block)
+            self.free_cached.pop(block, None)
+        self.ref[block] += 1
+
+    def free(self, blocks: Iterable[int]) -> int:
+        """Drop one reference of each block, in order; return how many became free."""
+        freed = 0
+        ref = self.ref
+        now = None
+        for block in blocks:
+            ref[block] -= 1
+            if ref[block] == 0:
+                self._append(block)
+                freed += 1
+                if self.block_hash[block] is not None:
+                    now = self.clock() if now is None else now
+                    self.free_cached[block] = now
+        if self.max_cached is not None:
+            self.trim_cached(self.max_cached)
+        return freed
+
+    def check_id(self, block: int) -> None:
+        if not 0 <= block < self.num_blocks:
+            raise InvalidBlock(block, self.num_blocks)
+
+    # -- the prefix-hash index -----------------------------------------------------
+
+    def lookup(self, block_hash: Hashable) -> int | None:
+        return self.cached.get(block_hash)
+
+    def register(self, block: int, block_hash: Hashable) -> bool:
+        """Make ``block`` findable by ``block_hash``; False if the hash is already known or the cache is full."""
+        if block_hash in self.cached or self.block_hash[block] is not None:
+            return False
+        if self.max_cached is not None and len(self.cached) >= self.max_cached:
+            self.trim_cached(self.max_cached - 1)
+            if len(self.cached) >= self.max_cached:
+                return False
+        self.cached[block_hash] = block
+        self.block_hash[block] = block_hash
+        return True
+
+    def unregister(self, block: int) -> None:
+        if self.block_hash[block] is not None:
+            self._forget_hash(block)
+
+    def _forget_hash(self, block: int) -> None:
+        del self.cached[self.block_hash[block]]
+        self.block_hash[block] = None
+        self.free_cached.pop(block, None)
+
+    def trim_cached(self, limit: int) -> int:
+        """Forget free cached blocks, least recently freed first, until at most ``limit`` hashes remain."""
+        dropped = 0
+        while len(self.cached) > limit and self.free_cached:
+            block = next(iter(self.free_cached))
+            self._forget_hash(block)
+            dropped += 1
+        return dropped
+
+    def expire_cached(self, ttl: float) -> int:
+        """Forget free cached blocks freed more than ``ttl`` seconds ago."""
+        deadline = self.clock() - ttl
+        dropped = 0
+        while self.free_cached:
+            block, freed_at = next(iter(self.free_cached.items()))
+            if freed_at > deadline:
+                break
+            self._forget_hash(block)
+            dropped += 1
+        return dropped
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def utilization(self) -> float:
+        return self.num_used / self.num_blocks

@@ -1,0 +1,76 @@
+"""The ``pagedkv`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import PagedKvError
+
+__all__ = ["main"]
+
+EXAMPLES = {
+    "backends": "examples:\n  pagedkv backends\n  PAGEDKV_BLOCKED_PLUGINS=cupy pagedkv backends",
+    "demo": "examples:\n  pagedkv demo\n  pagedkv demo --backend torch --device cpu",
+}
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .plugins import default_registry
+
+    registry = default_registry()
+    rows = [("backend", "available", "devices", "version / reason")]
+    for name, status in registry.available_backends().items():
+        devices = ", ".join(f"{d}{'' if p.available else ' (no)'}" for d, p in status.devices) or "-"
+        detail = status.version if status.available else status.reason
+        rows.append((name, "yes" if status.available else "no", devices, detail))
+    for name, error in registry.plugin_errors.items():
+        rows.append((name, "no", "-", f"plugin failed to load: {error}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    for name, status in registry.available_backends().items():
+        for device, probe in status.devices:
+            if not probe.available:
+                print(f"  {name}:{device}: {probe.reason}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .walkthrough import run_walkthrough
+
+    run_walkthrough(args.backend, args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedkv", description="Paged KV-cache layer: inspect backends, run the demo and the conformance suite.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  pagedkv backends\n  pagedkv demo\n  pagedkv --version",
+    )
+    parser.add_argument("--version", action="version", version=f"pagedkv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="list backends, their devices and why any is unavailable",
+                       epilog=EXAMPLES["backends"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=_cmd_backends)
+    p = sub.add_parser("demo", help="a scripted walk through the manager on a backend",
+                       epilog=EXAMPLES["demo"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PagedKvError as exc:
+        print(f"pagedkv: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Typed errors of pagedkv.
+
+Every error is raised *before* any state changes, so a caller that catches
+one can carry on with the cache exactly as it was. Errors carry the numbers a
+caller needs to react (how many blocks were missing, which position was out of
+range) as attributes, not only in the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PagedKvError",
+    "OutOfBlocks",
+    "OutOfHostBlocks",
+    "UnknownSequence",
+    "SequenceExists",
+    "SequenceNotResident",
+    "InvalidBlock",
+    "OutOfBounds",
+    "CorruptBlockTable",
+    "InvariantViolation",
+    "BackendUnavailable",
+    "UnknownBackend",
+    "UnsupportedOperation",
+    "InvalidArgument",
+    "ShapeMismatch",
+    "DTypeMismatch",
+    "DeviceMismatch",
+]
+
+
+class PagedKvError(Exception):
+    """Base class of every error pagedkv raises on purpose."""
+
+
+class InvalidArgument(PagedKvError, ValueError):
+    """An argument is outside what the operation accepts."""
+
+
+class OutOfBlocks(PagedKvError):
+    """The device pool has fewer free blocks than an operation needs."""
+
+    def __init__(self, needed: int, available: int, what: str = "device blocks") -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(f"out of {what}: needed {needed}, available {available}")
+
+
+class OutOfHostBlocks(OutOfBlocks):
+    """The host (swap) tier has fewer free blocks than a swap-out needs."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(needed, available, what="host blocks")
+
+
+class UnknownSequence(PagedKvError, KeyError):
+    """No sequence is registered under this request id."""
+
+    def __init__(self, request_id: object) -> None:
+        self.request_id = request_id
+        super().__init__(f"unknown sequence {request_id!r}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
+
+
+class SequenceExists(PagedKvError):
+    """A sequence with this request id is already registered."""
+
+    def __init__(self, request_id: object) -> None:
+        self.request_id = request_id
+        super().__init__(f"sequence {request_id!r} already exists")
+
+
+class SequenceNotResident(PagedKvError):
+    """The operation needs the sequence on the device, but it is swapped out (or the reverse)."""
+
+    def __init__(self, request_id: object, state: str) -> None:
+        self.request_id = request_id
+        self.state = state
+        super().__init__(f"sequence {request_id!r} is {state}")
+
+
+class InvalidBlock(PagedKvError, IndexError):
+    """A block id is outside the pool or not in the state the operation needs."""
+
+    def __init__(self, block_id: int, num_blocks: int, detail: str = "") -> None:
+        self.block_id = block_id
+        self.num_blocks = num_blocks
+        msg = f"invalid block id {block_id} for a pool of {num_blocks} blocks"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class OutOfBounds(PagedKvError, IndexError):
+    """A token position is beyond what a sequence has allocated."""
+
+    def __init__(self, position: int, allocated: int) -> None:
+        self.position = position
+        self.allocated = allocated
+        super().__init__(f"position {position} out of bounds: {allocated} tokens allocated")
+
+
+class CorruptBlockTable(PagedKvError):
+    """A block table refers to blocks inconsistently (found by validation)."""
+
+
+class InvariantViolation(PagedKvError):
+    """``check_invariants`` found leaked, double-owned or miscounted blocks."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class BackendUnavailable(PagedKvError):
+    """A backend or device cannot be used here; ``reason`` says why."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"backend {backend!r} unavailable: {reason}")
+
+
+class UnknownBackend(PagedKvError, KeyError):
+    """No backend is registered under this name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"unknown backend {name!r}; known: {listing} "
+            f"(install one with: pip install pagedkv-{name})"
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class UnsupportedOperation(PagedKvError):
+    """The backend, device or configuration cannot do this operation."""
+
+
+class ShapeMismatch(InvalidArgument):
+    """An array's shape does not match what the operation documents."""
+
+
+class DTypeMismatch(InvalidArgument, TypeError):
+    """An array's dtype does not match what the operation documents."""
+
+
+class DeviceMismatch(InvalidArgument):
+    """An array lives on another device than the storage it is used with."""

@@ -1,0 +1,22 @@
+"""Hook specifications of pagedkv plugins (pluggy project name ``pagedkv``)."""
+
+from __future__ import annotations
+
+import pluggy
+
+from .backend import BackendSpec
+
+hookspec = pluggy.HookspecMarker("pagedkv")
+hookimpl = pluggy.HookimplMarker("pagedkv")
+
+__all__ = ["hookspec", "hookimpl", "pagedkv_backends"]
+
+
+@hookspec
+def pagedkv_backends() -> list[BackendSpec]:
+    """Return the backends this plugin provides, as cheap descriptions.
+
+    Must not import heavy array libraries: a :class:`BackendSpec`'s ``load``
+    does that when the backend is first used. Each plugin's result is one
+    list; the registry flattens them.
+    """

@@ -1,0 +1,30 @@
+"""The command line: backends table, walkthrough, version and errors."""
+
+import subprocess
+import sys
+
+from pagedkv_core.cli import main
+
+
+def test_backends_lists_numpy(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["backend", "available", "devices"]
+    assert any(line.startswith("numpy") and " yes " in line for line in out.splitlines())
+
+
+def test_walkthrough_demo_checks_itself(capsys):
+    assert main(["demo", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "K/V bit-exact: True" in out and "walkthrough checks passed" in out
+
+
+def test_unknown_backend_is_a_one_line_error(capsys):
+    assert main(["demo", "--backend", "tpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown backend 'tpu'" in err and "known:" in err
+
+
+def test_version_from_the_console_script():
+    out = subprocess.run([sys.executable, "-m", "pagedkv_core.cli", "--version"], capture_output=True, text=True)
+    assert out.stdout.startswith("pagedkv ")
