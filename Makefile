@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pagedkv demo
 
 bench: $(STAMP)
-	$(PY) -m pytest -q -m benchmark --benchmark-enable --benchmark-columns=min,median,mean,rounds $(PYTEST_FLAGS)
+	$(PY) -m pytest -q -s -m benchmark --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .hypothesis

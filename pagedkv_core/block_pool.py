@@ -97,6 +97,18 @@ class BlockPool:
             out.append(block)
         return out
 
+    def allocate_one(self) -> int:
+        """``allocate(1)[0]`` without the list: the decode step's common case."""
+        if not self.num_free:
+            raise OutOfBlocks(1, 0)
+        block = self._next[self.num_blocks]
+        self._unlink(block)
+        if self.block_hash[block] is not None:
+            self._forget_hash(block)
+            self.evicted_cached += 1
+        self.ref[block] = 1
+        return block
+
     def incref(self, block: int) -> None:
         """Take one more reference; a free block (a cache hit) leaves the queue."""
         if self.ref[block] == 0:

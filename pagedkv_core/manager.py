@@ -90,6 +90,7 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
         self._forks = itertools.count(1)
         self.counters: Counter[str] = Counter()
         self._compressions: list[tuple[int, int, float]] = []  # (device bytes, host bytes, seconds)
+        self._last_plan: tuple[object, object, list] = (None, None, [])  # (request, root, its chain so far)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -128,7 +129,11 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
     # -- admission ------------------------------------------------------------------
 
     def _admission_plan(self, request: AllocationRequest) -> tuple[list[int], list, int, object]:
-        """(prefix-hit blocks, chain hashes, new blocks needed, chain root) for a request."""
+        """(prefix-hit blocks, chain hashes so far, new blocks needed, chain root) for a request.
+
+        Hashes are computed only up to the first miss; ``allocate`` completes
+        the chain, so a refused ``can_allocate`` costs little.
+        """
         bs = self.config.block_size
         n = request.initial_tokens
         total_blocks = -(-n // bs)
@@ -141,10 +146,19 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
             prefix = self.prefix_config
             if prefix.ttl_seconds is not None:
                 self.pool.expire_cached(prefix.ttl_seconds)
-            root = self.hasher.root(request.cache_salt)
-            hashes = self.hasher.chain(request.token_ids, root)
-            for block_hash in hashes[:(n - 1) // bs]:  # at least one token is always computed
-                block = self.pool.lookup(block_hash)
+            cached_request, root, known = self._last_plan
+            if cached_request is not request:  # can_allocate then allocate hash the prompt once
+                root, known = self.hasher.root(request.cache_salt), []
+                self._last_plan = (request, root, known)
+            tokens, parent, lookup, step = request.token_ids, root, self.pool.cached.get, self.hasher.next
+            for i in range((n - 1) // bs):  # at least one token is always computed
+                if i < len(known):
+                    parent = known[i]
+                else:
+                    parent = step(parent, tokens[i * bs:(i + 1) * bs])
+                    known.append(parent)
+                hashes.append(parent)
+                block = lookup(parent)
                 if block is None:
                     break
                 hits.append(block)
@@ -176,6 +190,8 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
             if needed > self.pool.num_free:
                 self.counters["allocation_failures"] += 1
                 raise OutOfBlocks(needed, self.pool.num_free)
+            if root is not None:
+                hashes += self.hasher.chain(request.token_ids, root, hashes[-1] if hashes else None, len(hashes))
             for block in hits:
                 self.pool.incref(block)
             blocks = hits + self.pool.allocate(new_blocks)
@@ -204,9 +220,73 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
         self.extend_batch([request_id], [additional_tokens], None if token_ids is None else [token_ids])
 
     def append_slots(self, request_ids: Seq[str], token_ids: Seq[int] | None = None) -> BatchMetadata:
-        """The decode step: one new token for each sequence; returns the step's kernel metadata."""
-        self.extend_batch(request_ids, None, None if token_ids is None else [(t,) for t in token_ids])
-        return self.batch_metadata(request_ids)
+        """The decode step: one new token for each sequence; returns the step's kernel metadata.
+
+        This is the hot path of a serving loop, so it is written out rather
+        than routed through :meth:`extend_batch`: one pass to validate, one
+        to commit, and the slot mapping collected on the way.
+        """
+        with self._mutating():
+            try:
+                seqs = [self._seqs[r] for r in request_ids]
+            except KeyError as exc:
+                raise UnknownSequence(exc.args[0]) from None
+            if len(set(request_ids)) != len(seqs):
+                raise InvalidArgument("a request id appears twice in one batch")
+            if token_ids is not None and len(token_ids) != len(seqs):
+                raise InvalidArgument("token_ids must hold one token per request")
+            pool, ref, bs, width = self.pool, self.pool.ref, self.config.block_size, self.tables.width
+            needed = 0
+            for seq in seqs:
+                if seq.state is not RUNNING:
+                    raise SequenceNotResident(seq.request_id, seq.state.value)
+                offset = seq.num_tokens % bs
+                if offset == 0:
+                    if len(seq.blocks) >= width:
+                        raise OutOfBounds(seq.num_tokens, width * bs)
+                    needed += 1
+                elif ref[seq.blocks[-1]] > 1:
+                    needed += 1
+            if needed > pool.num_free:
+                raise OutOfBlocks(needed, pool.num_free)
+            table, now = self.tables.tables, self.clock()
+            slots = [0] * len(seqs)
+            cow_src: list[int] = []
+            cow_dst: list[int] = []
+            for i, seq in enumerate(seqs):
+                n, blocks = seq.num_tokens, seq.blocks
+                offset = n % bs
+                if offset == 0:
+                    block = pool.allocate_one()
+                    table[seq.row, len(blocks)] = block
+                    blocks.append(block)
+                else:
+                    block = blocks[-1]
+                    if ref[block] > 1:  # shared partly filled block: copy on write
+                        cow_src.append(block)
+                        ref[block] -= 1
+                        block = pool.allocate_one()
+                        cow_dst.append(block)
+                        blocks[-1] = block
+                        table[seq.row, len(blocks) - 1] = block
+                slots[i] = block * bs + offset
+                seq.num_tokens = n + 1
+                seq.last_access = now
+                seq.access_count += 1
+                if seq.token_ids is not None:
+                    if token_ids is None:
+                        seq.token_ids, seq.root = None, None
+                    else:
+                        seq.token_ids.append(token_ids[i])
+                        if offset == bs - 1:
+                            self._hash_full_blocks(seq)
+            rows = np.fromiter([seq.row for seq in seqs], np.int64, len(seqs))
+            self.tables.lens[rows] += 1
+            if cow_src:
+                self.storage.copy_blocks(cow_src, cow_dst)
+                self.counters["cow_copies"] += len(cow_src)
+            return build_batch_metadata(tuple(request_ids), table, self.tables.lens, rows, None, bs,
+                                        np.array(slots, np.int32))
 
     def extend_batch(self, request_ids: Seq[str], counts: Seq[int] | None = None,
                      token_ids: Seq[Seq[int] | None] | None = None) -> None:
@@ -621,8 +701,8 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
             lens = self.tables.lens[rows]
             if (qlens > lens).any():
                 raise InvalidArgument("a sequence has more new tokens than cached tokens")
-            return build_batch_metadata(tuple(request_ids), self.tables.tables, self.tables.lens, rows, qlens,
-                                        self.config.block_size)
+            return build_batch_metadata(tuple(request_ids), self.tables.tables, self.tables.lens, rows,
+                                        None if query_lens is None else qlens, self.config.block_size)
 
     # -- views ------------------------------------------------------------------------------
 

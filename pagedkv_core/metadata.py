@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 __all__ = ["BatchMetadata", "build_batch_metadata"]
 
 
-@dataclass(frozen=True, slots=True)
 class BatchMetadata:
     """Everything a paged kernel needs for one step of a batch (host int32 NumPy arrays).
 
@@ -18,18 +15,21 @@ class BatchMetadata:
     * ``query_start_loc [batch + 1]``: offsets of each sequence's new tokens in the flattened query.
     * ``slot_mapping [num_new_tokens]``: where each new token's K/V goes (``block * block_size + offset``).
     * ``indptr [batch + 1]``, ``indices [sum(num_blocks)]``, ``last_page_len [batch]``: the same
-      tables in FlashInfer's CSR form.
+      tables in FlashInfer's CSR form, built on first access (most kernels take the padded form).
     """
 
-    request_ids: tuple[str, ...]
-    block_tables: np.ndarray
-    seq_lens: np.ndarray
-    query_start_loc: np.ndarray
-    slot_mapping: np.ndarray
-    indptr: np.ndarray
-    indices: np.ndarray
-    last_page_len: np.ndarray
-    block_size: int
+    __slots__ = ("request_ids", "block_tables", "seq_lens", "query_start_loc", "slot_mapping", "block_size",
+                 "_csr")
+
+    def __init__(self, request_ids: tuple[str, ...], block_tables: np.ndarray, seq_lens: np.ndarray,
+                 query_start_loc: np.ndarray, slot_mapping: np.ndarray, block_size: int) -> None:
+        self.request_ids = request_ids
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+        self.query_start_loc = query_start_loc
+        self.slot_mapping = slot_mapping
+        self.block_size = block_size
+        self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def batch(self) -> int:
@@ -43,30 +43,57 @@ class BatchMetadata:
     def is_decode(self) -> bool:
         return self.num_new_tokens == self.batch
 
+    def _csr_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._csr is None:
+            bs = self.block_size
+            num_blocks = -(-self.seq_lens // bs)
+            indptr = np.zeros(self.batch + 1, np.int32)
+            np.cumsum(num_blocks, out=indptr[1:])
+            used = np.arange(self.block_tables.shape[1])[None, :] < num_blocks[:, None]
+            last = np.where(self.seq_lens > 0, self.seq_lens - (num_blocks - 1) * bs, 0).astype(np.int32)
+            self._csr = (indptr, self.block_tables[used], last)
+        return self._csr
 
-def build_batch_metadata(request_ids: tuple[str, ...], tables: np.ndarray, lens: np.ndarray,
-                         rows: np.ndarray, query_lens: np.ndarray, block_size: int) -> BatchMetadata:
-    """Slice a batch out of the table arrays; ``query_lens[i]`` new tokens end sequence ``i``."""
+    @property
+    def indptr(self) -> np.ndarray:
+        return self._csr_form()[0]
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self._csr_form()[1]
+
+    @property
+    def last_page_len(self) -> np.ndarray:
+        return self._csr_form()[2]
+
+    def __repr__(self) -> str:
+        return (f"BatchMetadata(batch={self.batch}, new_tokens={self.num_new_tokens}, "
+                f"seq_lens={self.seq_lens.tolist()}, slot_mapping={self.slot_mapping.tolist()})")
+
+
+def build_batch_metadata(request_ids: tuple[str, ...], tables: np.ndarray, lens: np.ndarray, rows: np.ndarray,
+                         query_lens: np.ndarray | None, block_size: int,
+                         slot_mapping: np.ndarray | None = None) -> BatchMetadata:
+    """Slice a batch out of the table arrays; ``query_lens[i]`` new tokens end sequence ``i`` (None: one each).
+
+    A decode step passes the ``slot_mapping`` it already knows from reserving the slots.
+    """
     seq_lens = lens[rows]
-    num_blocks = -(-seq_lens // block_size)
-    max_blocks = int(num_blocks.max()) if rows.size else 0
+    max_blocks = -(-int(seq_lens.max()) // block_size) if rows.size else 0
     block_tables = tables[rows, :max_blocks]
+    if query_lens is None:
+        query_start_loc = np.arange(rows.size + 1, dtype=np.int32)
+        if slot_mapping is None:
+            positions = seq_lens.astype(np.int64) - 1
+            slot_mapping = (block_tables[np.arange(rows.size), positions // block_size].astype(np.int64)
+                            * block_size + positions % block_size).astype(np.int32)
+        return BatchMetadata(request_ids, block_tables, seq_lens, query_start_loc, slot_mapping, block_size)
     query_start_loc = np.zeros(rows.size + 1, np.int32)
     np.cumsum(query_lens, out=query_start_loc[1:])
     total = int(query_start_loc[-1])
-    if total == rows.size:  # decode: one new token per sequence
-        seq_of_token = np.arange(rows.size)
-        positions = seq_lens.astype(np.int64) - 1
-    else:
-        seq_of_token = np.repeat(np.arange(rows.size), query_lens)
-        offsets = np.arange(total) - query_start_loc[seq_of_token]
-        positions = (seq_lens - query_lens)[seq_of_token] + offsets
-    slot_mapping = (block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
-                    + positions % block_size).astype(np.int32)
-    indptr = np.zeros(rows.size + 1, np.int32)
-    np.cumsum(num_blocks, out=indptr[1:])
-    used = np.arange(max_blocks)[None, :] < num_blocks[:, None]
-    indices = block_tables[used]
-    last_page_len = np.where(seq_lens > 0, seq_lens - (num_blocks - 1) * block_size, 0).astype(np.int32)
-    return BatchMetadata(request_ids, block_tables, seq_lens, query_start_loc, slot_mapping, indptr, indices,
-                         last_page_len, block_size)
+    seq_of_token = np.repeat(np.arange(rows.size), query_lens)
+    offsets = np.arange(total) - query_start_loc[seq_of_token]
+    positions = (seq_lens - query_lens)[seq_of_token] + offsets
+    slots = (block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+             + positions % block_size).astype(np.int32)
+    return BatchMetadata(request_ids, block_tables, seq_lens, query_start_loc, slots, block_size)
