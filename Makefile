@@ -19,10 +19,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_FLAGS)
+	$(PY) -m pytest -q -m "not slow and not benchmark" $(PYTEST_FLAGS)
 
 test-all: lint
-	$(PY) -m pytest -q $(PYTEST_FLAGS)
+	$(PY) -m pytest -q -m "not benchmark" $(PYTEST_FLAGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pagedkv demo

@@ -13,6 +13,9 @@ __all__ = ["main"]
 EXAMPLES = {
     "backends": "examples:\n  pagedkv backends\n  PAGEDKV_BLOCKED_PLUGINS=cupy pagedkv backends",
     "demo": "examples:\n  pagedkv demo\n  pagedkv demo --backend torch --device cpu",
+    "conformance": ("examples:\n  pagedkv conformance --backend numpy --device cpu\n"
+                    "  pagedkv conformance --backend torch --dtype float16,bfloat16\n"
+                    "  pagedkv conformance --full -- -x -k attention"),
 }
 
 
@@ -44,11 +47,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    try:
+        from pagedkv_conformance.runner import run_conformance
+    except ImportError as exc:
+        raise PagedKvError(f"the conformance suite is not installed ({exc}); pip install pagedkv-conformance") from exc
+    from .plugins import get_backend
+
+    if args.backend:
+        get_backend(args.backend)  # unknown name: the one-line error with the known ones
+    return run_conformance(args.backend, args.device, args.dtype, args.full, args.pytest_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedkv", description="Paged KV-cache layer: inspect backends, run the demo and the conformance suite.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  pagedkv backends\n  pagedkv demo\n  pagedkv --version",
+        epilog="examples:\n  pagedkv backends\n  pagedkv demo\n  pagedkv conformance --backend numpy\n  pagedkv --version",
     )
     parser.add_argument("--version", action="version", version=f"pagedkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="numpy")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("conformance", help="run the conformance suite and print a per-area summary",
+                       epilog=EXAMPLES["conformance"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", help="backend to check (default: every available one)")
+    p.add_argument("--device", help="device to check (default: every device of the backend)")
+    p.add_argument("--dtype", action="append", default=[], help="storage dtype(s), repeatable or comma-separated")
+    p.add_argument("--full", action="store_true", help="include the slow full attention sweep")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
+    p.set_defaults(func=_cmd_conformance)
     return parser
 
 
