@@ -1,0 +1,449 @@
+"""Paged attention over NumPy block pools: decode and prefill, vectorised.
+
+BLAS cannot follow a block table, so in NumPy the whole cost of paging is the
+gather. Both paths gather whole blocks with ``np.take`` (``mode="clip"``: no
+output buffering, and no index can leave the pool) into scratch buffers the
+plan owns, and run the grouped matmul on them:
+
+* **decode** batches sequences. Tiles of blocks, sized so one tile of K or V
+  stays in cache, are gathered and multiplied while hot, so the pool is read
+  from memory once. Rows are sorted by visible length, longest first,
+  so the sequences still active in a column of blocks are a prefix of the rows
+  and a ragged batch wastes no work on padding.
+* **prefill** loops over sequences (its work is quadratic in length, so the
+  loop costs nothing measurable) and runs :func:`attend_contiguous`'s tiled,
+  online-softmax kernel: each key tile is gathered once and serves every
+  query tile that sees it; key ranges a query tile cannot see are never
+  computed. Memory is one K/V tile, one score tile and accumulators the
+  size of the queries, whatever the cached length.
+
+GQA never repeats K/V: query heads are reshaped to ``[.., num_kv_heads,
+group, head_dim]`` and every matmul is batched over KV heads. Scores are
+accumulated in float32 (float64 for float64 pools); int8 blocks are
+dequantized in the gathered tile with their per-(block, head) scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
+from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, ShapeMismatch
+
+from .storage import NumpyStorage
+
+__all__ = ["NumpyAttention", "NumpyPlan", "attend_contiguous"]
+
+TILE_BYTES = 2 << 20
+"""Bytes of one gathered decode tile (K or V, compute dtype).
+
+Small enough to stay cached between the gather and the matmul, large enough
+that Python steps are few: 2-4 MiB measured best, 16 MiB twice as slow
+(see BENCHMARKS.md)."""
+GROUP_SLOTS = 1 << 16
+"""Rows x key slots of one decode group; bounds its score buffer (x num_q_heads x 4 bytes)."""
+Q_TILE = 64
+"""Queries per prefill tile."""
+K_TILE = 512
+"""Keys per prefill tile."""
+
+
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+class _Gather:
+    """A scratch buffer that whole blocks of a pool are gathered into, converted to the compute dtype."""
+
+    def __init__(self, storage: NumpyStorage, cdtype: np.dtype, max_blocks: int) -> None:
+        c = storage.config
+        self.block_shape = (c.block_size, c.num_kv_heads, c.head_dim)
+        self.elems = c.block_size * c.num_kv_heads * c.head_dim
+        self.raw = np.empty(max(max_blocks, 1) * self.elems, storage.np_dtype)
+        same = storage.np_dtype == cdtype
+        self.conv = self.raw if same else np.empty(self.raw.size, cdtype)
+
+    def __call__(self, pool: np.ndarray, scales: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+        """Blocks ``ids [...]`` of ``pool [num_blocks, elems]`` as ``[..., elems]`` in the compute dtype."""
+        n = ids.size * self.elems
+        raw = self.raw[:n].reshape(*ids.shape, self.elems)
+        np.take(pool, ids, axis=0, out=raw, mode="clip")
+        if self.conv is self.raw:
+            return raw
+        out = self.conv[:n].reshape(raw.shape)
+        np.copyto(out, raw)
+        if scales is not None:
+            block_scales = np.take(scales, ids, axis=0, mode="clip")  # [..., num_kv_heads]
+            out.reshape(*ids.shape, *self.block_shape)[...] *= block_scales[..., None, :, None]
+        return out
+
+
+def _heads_first(q: np.ndarray, num_kv_heads: int, cdtype: np.dtype, mult: float) -> np.ndarray:
+    """``q [n, num_q_heads, d]`` -> ``mult * q`` as ``[num_kv_heads, n * group, d]`` in ``cdtype``."""
+    n, num_q_heads, d = q.shape
+    group = num_q_heads // num_kv_heads
+    out = np.empty((num_kv_heads, n, group, d), cdtype)
+    np.multiply(q.reshape(n, num_kv_heads, group, d).transpose(1, 0, 2, 3), mult, out=out, dtype=cdtype)
+    return out.reshape(num_kv_heads, n * group, d)
+
+
+# -- prefill: a tiled kernel over contiguous K/V ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyTile:
+    """Keys ``j0:j1`` (gathered once) and the query tiles that see them.
+
+    Each entry of ``queries`` is ``(i0, i1, a, b, hidden)``: queries ``i0:i1``
+    attend to keys ``a:b`` (a sub-range of ``j0:j1``); ``hidden [i1 - i0, b - a]``
+    is True where a key is masked, None when all are visible.
+    """
+
+    j0: int
+    j1: int
+    queries: tuple[tuple[int, int, int, int, np.ndarray | None], ...]
+
+
+def _schedule(n: int, seq_len: int, key_start: int, params: AttentionParams) -> list[_KeyTile]:
+    """Tiles of ``n`` queries (positions ``seq_len - n ...``) over keys ``key_start ... seq_len - 1``.
+
+    Key ``j`` of the tile coordinates is position ``key_start + j``. Key
+    ranges a query tile cannot see are left out; fully visible pairs carry
+    no mask.
+    """
+    w, upper = params.sliding_window, params.causal or params.sliding_window is not None
+    spans = []  # per query tile: the key range it sees, in tile coordinates
+    for i0 in range(0, n, Q_TILE):
+        i1 = min(n, i0 + Q_TILE)
+        t_lo, t_hi = seq_len - n + i0, seq_len - n + i1 - 1
+        k_lo = key_start if w is None else max(key_start, t_lo - w + 1)
+        k_hi = t_hi if upper else seq_len - 1
+        spans.append((i0, i1, t_lo, t_hi, k_lo - key_start, k_hi - key_start + 1))
+    tiles = []
+    for g0 in range(0, seq_len - key_start, K_TILE):
+        queries = []
+        for i0, i1, t_lo, t_hi, lo, hi in spans:
+            a, b = max(g0, lo), min(g0 + K_TILE, hi)
+            if a >= b:
+                continue
+            p_lo, p_hi = key_start + a, key_start + b - 1
+            hidden = None
+            if (upper and p_hi > t_lo) or (w is not None and p_lo <= t_hi - w):
+                t = np.arange(t_lo, t_hi + 1)[:, None]
+                p = np.arange(p_lo, p_hi + 1)[None, :]
+                hidden = (p > t) if upper else np.zeros((t.size, p.size), bool)
+                if w is not None:
+                    hidden |= p <= t - w
+            queries.append((i0, i1, a, b, hidden))
+        if queries:
+            tiles.append(_KeyTile(min(q[2] for q in queries), max(q[3] for q in queries), tuple(queries)))
+    return tiles
+
+
+def _attend_tiles(qh: np.ndarray, fetch: Callable[[int, _KeyTile], tuple[np.ndarray, np.ndarray]],
+                  tiles: list[_KeyTile], params: AttentionParams, out: np.ndarray) -> None:
+    """Online-softmax attention of one sequence; each key tile is fetched once, for all query tiles.
+
+    ``qh [kv_heads, n * group, d]``: pre-scaled queries in the compute dtype.
+    ``fetch(i, tile)`` returns the keys and values of ``tiles[i]`` as ``[j1 -
+    j0, kv_heads, d]`` in the compute dtype (a slice, or a gather from the pool).
+    ``out [kv_heads, n, group, d]`` (any float dtype, usually a view of the
+    caller's output) receives the result. Besides one score tile, memory is
+    the running max, denominator and accumulator of the queries (q's size).
+    """
+    h, rows_total, d = qh.shape
+    group = out.shape[2]
+    cap = params.soft_cap
+    m = np.full((h, rows_total, 1), -np.inf, qh.dtype)
+    denom = np.zeros((h, rows_total, 1), qh.dtype)
+    acc = np.zeros((h, rows_total, d), qh.dtype)
+    for i, tile in enumerate(tiles):
+        keys, values = fetch(i, tile)
+        kt, vh = keys.transpose(1, 2, 0), values.transpose(1, 0, 2)  # [h, d, keys], [h, keys, d]
+        for i0, i1, a, b, hidden in tile.queries:
+            rows = slice(i0 * group, i1 * group)
+            s = np.matmul(qh[:, rows], kt[:, :, a - tile.j0:b - tile.j0])  # [h, rows, keys]
+            if cap is not None:
+                np.tanh(s, out=s)
+                s *= cap
+            if hidden is not None:
+                np.copyto(s.reshape(h, i1 - i0, group, b - a), -np.inf, where=hidden[None, :, None, :])
+            m_old = m[:, rows]
+            m_new = np.maximum(m_old, s.max(axis=-1, keepdims=True))
+            shift = np.where(m_new == -np.inf, 0.0, m_new).astype(qh.dtype, copy=False)
+            s -= shift
+            np.exp(s, out=s)
+            alpha = np.exp(m_old - shift)
+            denom[:, rows] *= alpha
+            denom[:, rows] += s.sum(axis=-1, keepdims=True)
+            acc[:, rows] *= alpha
+            acc[:, rows] += np.matmul(s, vh[:, a - tile.j0:b - tile.j0])
+            m[:, rows] = m_new
+    acc /= denom
+    out[...] = acc.reshape(h, rows_total // group, group, d)
+
+
+def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = True,
+                      scale: float | None = None, sliding_window: int | None = None,
+                      soft_cap: float | None = None) -> np.ndarray:
+    """Attention of one sequence over K/V laid out contiguously: the prefill kernel without paging.
+
+    ``q [n, num_q_heads, head_dim]`` (queries at positions ``seq_len - n ...``);
+    ``k, v [seq_len, num_kv_heads, head_dim]``, any float dtype. Returns
+    ``[n, num_q_heads, head_dim]`` in ``q``'s dtype. Paged prefill runs this
+    same kernel on the gathered K/V, so benchmarking the two measures what
+    paging costs.
+    """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2] \
+            or q.shape[0] > k.shape[0] or q.shape[1] % k.shape[1]:
+        raise ShapeMismatch(f"need q [n, heads, d] and k, v [seq_len >= n, kv_heads, d], got "
+                            f"{q.shape}, {k.shape}, {v.shape}")
+    params = AttentionParams.make(q.shape[2], causal=causal, scale=scale, sliding_window=sliding_window,
+                                  soft_cap=soft_cap)
+    cdtype = _compute_dtype(k.dtype)
+    h = k.shape[1]
+    group = q.shape[1] // h
+    mult = params.scale if soft_cap is None else params.scale / params.soft_cap
+    out = np.empty(q.shape, q.dtype)
+    view = out.reshape(q.shape[0], h, group, q.shape[2]).transpose(1, 0, 2, 3)
+    k, v = k.astype(cdtype, copy=False), v.astype(cdtype, copy=False)
+    _attend_tiles(_heads_first(q, h, cdtype, mult), lambda _, tile: (k[tile.j0:tile.j1], v[tile.j0:tile.j1]),
+                  _schedule(q.shape[0], k.shape[0], 0, params), params, view)
+    return out
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeTile:
+    """Block ids ``ids [r1 - r0, c1 - c0]`` of rows ``r0:r1`` and visible-block columns ``c0:c1``."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    ids: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeGroup:
+    """Sequences decoded together; ``rows`` are their query rows, longest first.
+
+    ``hidden [rows, width * block_size]`` is True for key slots a query must
+    not see (None when it sees them all). It covers the slots past a short
+    sequence's blocks, which no tile writes.
+    """
+
+    rows: np.ndarray
+    width: int
+    hidden: np.ndarray | None
+    tiles: tuple[_DecodeTile, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefillSeq:
+    """One sequence's queries ``q_start:q_end`` and its key tiles.
+
+    ``blocks[i]`` is ``(ids, offset)``: key tile ``i`` is tokens ``offset :
+    offset + j1 - j0`` of the blocks ``ids`` gathered in order.
+    """
+
+    q_start: int
+    q_end: int
+    tiles: list[_KeyTile]
+    blocks: tuple[tuple[np.ndarray, int], ...]
+
+
+class NumpyPlan:
+    """A validated batch with its index arrays, masks and scratch, reused by every layer.
+
+    ``run`` writes into scratch buffers the plan owns, so a plan must not run
+    on two threads at once (build one plan per thread).
+    """
+
+    def __init__(self, storage: NumpyStorage, index: BatchIndex, params: AttentionParams) -> None:
+        self.storage, self.index, self.params = storage, index, params
+        self.cdtype = _compute_dtype(storage.np_dtype)
+        self._scores: np.ndarray | None = None
+        if int(index.query_lens.max(initial=0)) <= 1:
+            self._decode = self._plan_decode(np.flatnonzero(index.query_lens == 1))
+            self._prefill: list[_PrefillSeq] = []
+        else:
+            self._decode = []
+            self._prefill = self._plan_prefill()
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _plan_decode(self, seqs: np.ndarray) -> list[_DecodeGroup]:
+        """One query per sequence, at position ``seq_len - 1``: group rows, tile their visible blocks."""
+        c, w = self.storage.config, self.params.sliding_window
+        bs = c.block_size
+        t = self.index.seq_lens[seqs] - 1
+        first = np.zeros_like(t) if w is None else np.maximum(t - w + 1, 0) // bs
+        nvis = t // bs + 1 - first
+        order = np.argsort(-nvis, kind="stable")
+        seqs, t, first, nvis = seqs[order], t[order], first[order], nvis[order]
+        block_bytes = c.block_size * c.num_kv_heads * c.head_dim * self.cdtype.itemsize
+        groups, r = [], 0
+        while r < seqs.size:
+            width = int(nvis[r])
+            end = r + max(1, min(seqs.size - r, GROUP_SLOTS // (width * bs)))
+            groups.append(self._decode_group(seqs[r:end], t[r:end], first[r:end], nvis[r:end], block_bytes))
+            r = end
+        self._gather = _Gather(self.storage, self.cdtype,
+                               max((tile.ids.size for g in groups for tile in g.tiles), default=1))
+        return groups
+
+    def _decode_group(self, seqs: np.ndarray, t: np.ndarray, first: np.ndarray, nvis: np.ndarray,
+                      block_bytes: int) -> _DecodeGroup:
+        bs, w = self.storage.config.block_size, self.params.sliding_window
+        rows, width = seqs.size, int(nvis[0])
+        tables = self.index.block_tables[seqs]
+        cols = first[:, None] + np.arange(width)[None, :]
+        used = np.arange(width)[None, :] < nvis[:, None]
+        ids = np.where(used, np.take_along_axis(tables, np.minimum(cols, tables.shape[1] - 1), axis=1), 0)
+        pos = first[:, None] * bs + np.arange(width * bs)[None, :]
+        hidden = pos > t[:, None]
+        if w is not None:
+            hidden |= pos <= t[:, None] - w
+        tile_rows = max(1, min(rows, TILE_BYTES // block_bytes))
+        tile_cols = max(1, TILE_BYTES // (tile_rows * block_bytes))
+        tiles = []
+        for c0 in range(0, width, tile_cols):
+            c1 = min(width, c0 + tile_cols)
+            active = int(np.count_nonzero(nvis > c0))
+            for r0 in range(0, active, tile_rows):
+                r1 = min(active, r0 + tile_rows)
+                tiles.append(_DecodeTile(r0, r1, c0, c1, np.ascontiguousarray(ids[r0:r1, c0:c1])))
+        return _DecodeGroup(self.index.query_start_loc[seqs], width, hidden if hidden.any() else None,
+                            tuple(tiles))
+
+    def _plan_prefill(self) -> list[_PrefillSeq]:
+        """Per sequence with queries: its key tiles (from the window's start) and their block ids."""
+        bs, w = self.storage.config.block_size, self.params.sliding_window
+        index, work = self.index, []
+        for b in np.flatnonzero(index.query_lens > 0):
+            seq_len, n = int(index.seq_lens[b]), int(index.query_lens[b])
+            first = 0 if w is None else max(0, seq_len - n - w + 1) // bs
+            tiles = _schedule(n, seq_len, first * bs, self.params)
+            blocks = tuple((np.ascontiguousarray(index.block_tables[b, first + t.j0 // bs:first - (-t.j1 // bs)]),
+                            t.j0 % bs) for t in tiles)
+            start = int(index.query_start_loc[b])
+            work.append(_PrefillSeq(start, start + n, tiles, blocks))
+        most = max((ids.size for seq in work for ids, _ in seq.blocks), default=1)
+        self._gather_k = _Gather(self.storage, self.cdtype, most)
+        self._gather_v = _Gather(self.storage, self.cdtype, most)
+        return work
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _check_q(self, q: np.ndarray) -> int:
+        if not isinstance(q, np.ndarray):
+            raise DeviceMismatch(f"numpy attention needs q as a numpy.ndarray on 'cpu', got {type(q).__name__}")
+        pool = self.storage.np_dtype
+        allowed = (np.dtype(np.float16), np.dtype(np.float32)) if self.storage.quantized else (pool,)
+        if q.dtype not in allowed:
+            names = " or ".join(str(a) for a in allowed)
+            raise DTypeMismatch(f"q must be {names} for a {self.storage.config.dtype} pool, got {q.dtype}")
+        return check_query(q.shape, self.index, self.storage.config)
+
+    def run(self, q: np.ndarray, layer: int) -> np.ndarray:
+        """Attention of ``q [num_queries, num_q_heads, head_dim]`` over ``layer``; same shape and dtype out."""
+        num_q_heads = self._check_q(q)
+        layer = self.storage.checks.layer(layer)
+        out = np.empty(q.shape, q.dtype)
+        k, v = self.storage.pools(layer)
+        k, v = k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)
+        scales = self.storage.scales(layer)
+        k_scale, v_scale = (None, None) if scales is None else scales
+        p = self.params
+        mult = p.scale if p.soft_cap is None else p.scale / p.soft_cap
+        if self._decode:
+            self._run_decode(q, num_q_heads, mult, (k, k_scale), (v, v_scale), out)
+        h = self.storage.config.num_kv_heads
+        group, d = num_q_heads // h, q.shape[2]
+        for seq in self._prefill:
+            fetch = partial(self._fetch, seq, (k, k_scale), (v, v_scale))
+            qh = _heads_first(q[seq.q_start:seq.q_end], h, self.cdtype, mult)
+            view = out[seq.q_start:seq.q_end].reshape(-1, h, group, d).transpose(1, 0, 2, 3)
+            _attend_tiles(qh, fetch, seq.tiles, p, view)
+        return out
+
+    def _fetch(self, seq: _PrefillSeq, k: tuple, v: tuple, i: int, tile: _KeyTile) -> tuple[np.ndarray, np.ndarray]:
+        """Key tile ``i`` of ``seq`` gathered from the pools ``k, v = (pool, scales or None)``."""
+        c = self.storage.config
+        ids, offset = seq.blocks[i]
+        keys = self._gather_k(k[0], k[1], ids).reshape(-1, c.num_kv_heads, c.head_dim)
+        values = self._gather_v(v[0], v[1], ids).reshape(-1, c.num_kv_heads, c.head_dim)
+        end = offset + tile.j1 - tile.j0
+        return keys[offset:end], values[offset:end]
+
+    def _score_buffer(self, num_q_heads: int) -> np.ndarray:
+        size = max(g.rows.size * g.width for g in self._decode) * self.storage.config.block_size * num_q_heads
+        if self._scores is None or self._scores.size < size:
+            # zeros, not empty: slots no tile writes must hold finite values until they are masked
+            self._scores = np.zeros(size, self.cdtype)
+        return self._scores
+
+    def _run_decode(self, q: np.ndarray, num_q_heads: int, mult: float, k: tuple, v: tuple,
+                    out: np.ndarray) -> None:
+        c, cap = self.storage.config, self.params.soft_cap
+        h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
+        group = num_q_heads // h
+        scores = self._score_buffer(num_q_heads)
+        for g in self._decode:
+            rows, slots = g.rows.size, g.width * bs
+            qg = np.multiply(q[g.rows], mult, dtype=self.cdtype).reshape(rows, h, group, d)
+            s = scores[:rows * num_q_heads * slots].reshape(rows, h, group, slots)
+            for tile in g.tiles:
+                keys = self._gather(k[0], k[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d)
+                np.matmul(qg[tile.r0:tile.r1], keys.transpose(0, 2, 3, 1),
+                          out=s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs])
+            if cap is not None:
+                np.tanh(s, out=s)
+                s *= cap
+            if g.hidden is not None:
+                np.copyto(s, -np.inf, where=g.hidden[:, None, None, :])
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            denom = s.sum(axis=-1, keepdims=True)
+            acc = np.empty((rows, h, group, d), self.cdtype)
+            part = np.empty_like(acc)
+            for tile in g.tiles:
+                values = self._gather(v[0], v[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d)
+                target = acc[tile.r0:tile.r1] if tile.c0 == 0 else part[tile.r0:tile.r1]
+                np.matmul(s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values.transpose(0, 2, 1, 3),
+                          out=target)
+                if tile.c0:
+                    acc[tile.r0:tile.r1] += target
+            acc /= denom
+            out[g.rows] = acc.reshape(rows, num_q_heads, d)
+
+
+class NumpyAttention(AttentionBase):
+    """Paged decode and prefill over a :class:`NumpyStorage` (float64/32/16 and int8 pools)."""
+
+    def plan(self, storage: NumpyStorage, block_tables, seq_lens, query_start_loc=None, *, causal: bool = True,
+             scale: float | None = None, sliding_window: int | None = None,
+             soft_cap: float | None = None) -> NumpyPlan:
+        """Validate a batch and prepare it for every layer.
+
+        ``block_tables [batch, max_blocks]``, ``seq_lens [batch]`` and
+        ``query_start_loc [batch + 1]`` are integer NumPy arrays or lists
+        (any int dtype); ``query_start_loc=None`` means decode, one query per
+        sequence. Raises the typed errors of ``pagedkv_core.errors`` before
+        any work.
+        """
+        if not isinstance(storage, NumpyStorage):
+            raise DeviceMismatch(f"numpy attention runs on a NumpyStorage, got {type(storage).__name__} "
+                                 f"on device {getattr(storage, 'device', '?')!r}")
+        index = check_batch(storage.config, block_tables, seq_lens, query_start_loc)
+        params = AttentionParams.make(storage.config.head_dim, scale=scale, causal=causal,
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
+        return NumpyPlan(storage, index, params)
