@@ -1,0 +1,127 @@
+"""Paged attention over MLX block pools: plan once per step, run per layer.
+
+``plan`` validates the batch with the core's ``check_batch`` (typed errors,
+before any work), lays it out on the host (:class:`BatchLayout`: visible
+blocks per sequence, masks) and builds one of two kernels, chosen per device
+by measurement (``BENCHMARKS.md``):
+
+* ``host`` (default on ``cpu``): NumPy over zero-copy views of the pools,
+  :mod:`pagedkv_mlx.kernel_host`. On Linux it runs a decode batch several
+  times faster than MLX's own gather + fused SDPA on the CPU.
+* ``mlx`` (default on ``gpu``): a graph of MLX operations, gather through the
+  block table + ``mx.fast.scaled_dot_product_attention``,
+  :mod:`pagedkv_mlx.kernel_mlx`; the path for Metal.
+
+Both follow the conventions of :mod:`pagedkv_core.attention` and are checked
+against the float64 oracle on every dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import mlx.core as mx
+import numpy as np
+
+from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
+from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument
+
+from .arrays import FLOAT_MX, bf16_bits_to_f32, dtype_name, host_view
+from .kernel_host import HostKernel
+from .kernel_mlx import GraphKernel
+from .layout import BatchLayout
+from .storage import MlxStorage
+
+__all__ = ["MlxAttention", "MlxPlan", "KernelName"]
+
+Array = Any  # mx.array
+KernelName = Literal["auto", "host", "mlx"]
+
+
+def _host_float32(q: Array) -> np.ndarray:
+    """``q`` (MLX float) as a float32 NumPy array: a view for float32, else a converted copy."""
+    view = host_view(q)
+    if q.dtype == mx.bfloat16:
+        return bf16_bits_to_f32(view)
+    return view.astype(np.float32, copy=False)
+
+
+class MlxPlan:
+    """A validated batch with its layout and kernel, reused by every layer of the step.
+
+    The host kernel owns scratch buffers: run a plan on one thread at a time.
+    """
+
+    def __init__(self, storage: MlxStorage, index: BatchIndex, params: AttentionParams, kernel: str) -> None:
+        self.storage, self.index, self.params, self.kernel_name = storage, index, params, kernel
+        self.layout = BatchLayout.build(index, storage.config.block_size, params)
+        self.kernel: HostKernel | GraphKernel | None = None  # None: no sequence has a query
+        if self.layout.rows and kernel == "host":
+            self.kernel = HostKernel(self.layout, storage.config, params, bf16=storage.mx_dtype == mx.bfloat16)
+        elif self.layout.rows:
+            self.kernel = GraphKernel(self.layout, storage.config, params, cpu=storage.device == "cpu")
+
+    def _check_q(self, q: Any) -> int:
+        if not isinstance(q, mx.array):
+            raise DeviceMismatch(f"mlx attention needs q as an mx.array, got {type(q).__name__}")
+        storage = self.storage
+        allowed = FLOAT_MX if storage.quantized else (storage.mx_dtype,)
+        if q.dtype not in allowed:
+            names = " or ".join(dtype_name(a) for a in allowed)
+            raise DTypeMismatch(f"q must be {names} for a {storage.config.dtype} pool, got {dtype_name(q.dtype)}")
+        return check_query(tuple(q.shape), self.index, storage.config)
+
+    def run(self, q: Array, layer: int) -> Array:
+        """Attention of ``q [num_queries, num_q_heads, head_dim]`` (mx.array) over ``layer``.
+
+        ``q`` has the pool's dtype (float16/bfloat16/float32 for int8 pools);
+        the output has ``q``'s shape and dtype. The ``host`` kernel returns an
+        evaluated array, the ``mlx`` kernel a lazy one.
+        """
+        self._check_q(q)
+        layer = self.storage.checks.layer(layer)
+        if self.kernel is None:
+            return mx.zeros(q.shape, q.dtype)
+        storage = self.storage
+        if isinstance(self.kernel, GraphKernel):
+            with mx.stream(storage.mx_device):
+                scales = None if storage.k_scale is None else (storage.k_scale, storage.v_scale)
+                return self.kernel.run(q, (storage.k, storage.v), scales, layer)
+        k, v, ks, vs = storage.host_views()  # views: dropped when this call returns
+        out = np.empty(q.shape, np.float32)
+        self.kernel.run(_host_float32(q), (k[layer], v[layer]), None if ks is None else (ks[layer], vs[layer]), out)
+        result = mx.array(out).astype(q.dtype)
+        mx.eval(result)
+        return result
+
+
+class MlxAttention(AttentionBase):
+    """Paged decode and prefill over an :class:`MlxStorage` (float32/float16/bfloat16 and int8 pools).
+
+    ``kernel``: ``"auto"`` (``host`` on ``cpu``, ``mlx`` on ``gpu``), or force one.
+    """
+
+    def __init__(self, kernel: KernelName = "auto") -> None:
+        if kernel not in ("auto", "host", "mlx"):
+            raise InvalidArgument(f"kernel must be 'auto', 'host' or 'mlx', got {kernel!r}")
+        self.kernel = kernel
+
+    def plan(self, storage: MlxStorage, block_tables: Any, seq_lens: Any, query_start_loc: Any | None = None, *,
+             causal: bool = True, scale: float | None = None, sliding_window: int | None = None,
+             soft_cap: float | None = None) -> MlxPlan:
+        """Validate a batch and prepare it for every layer.
+
+        ``block_tables [batch, max_blocks]``, ``seq_lens [batch]`` and
+        ``query_start_loc [batch + 1]``: integer NumPy or MLX arrays (or
+        lists); ``query_start_loc=None`` means decode, one query per
+        sequence. Raises the typed errors of ``pagedkv_core.errors`` before
+        any work.
+        """
+        if not isinstance(storage, MlxStorage):
+            raise DeviceMismatch(f"mlx attention runs on an MlxStorage, got {type(storage).__name__} "
+                                 f"on device {getattr(storage, 'device', '?')!r}")
+        index = check_batch(storage.config, block_tables, seq_lens, query_start_loc)
+        params = AttentionParams.make(storage.config.head_dim, scale=scale, causal=causal,
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
+        kernel = self.kernel if self.kernel != "auto" else ("host" if storage.device == "cpu" else "mlx")
+        return MlxPlan(storage, index, params, kernel)
