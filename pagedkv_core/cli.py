@@ -16,6 +16,8 @@ EXAMPLES = {
     "conformance": ("examples:\n  pagedkv conformance --backend numpy --device cpu\n"
                     "  pagedkv conformance --backend torch --dtype float16,bfloat16\n"
                     "  pagedkv conformance --full -- -x -k attention"),
+    "bench": ("examples (from a checkout):\n  pagedkv bench --backend numpy\n"
+              "  pagedkv bench --out results.md --plot results.png -- -k decode"),
 }
 
 
@@ -59,6 +61,17 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return run_conformance(args.backend, args.device, args.dtype, args.full, args.pytest_args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import run_bench
+
+    plot = None if args.plot == "" else Path(args.plot)
+    code = run_bench(Path(args.root), args.backend, Path(args.out), plot, args.pytest_args)
+    print(f"wrote {args.out}" + (f" and {args.plot}" if plot else ""))
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedkv", description="Paged KV-cache layer: inspect backends, run the demo and the conformance suite.",
@@ -83,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="include the slow full attention sweep")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     p.set_defaults(func=_cmd_conformance)
+    p = sub.add_parser("bench", help="run the benchmark suites; write a markdown table and a PNG",
+                       epilog=EXAMPLES["bench"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", action="append", default=[], help="only this backend's benchmarks (repeatable)")
+    p.add_argument("--root", default=".", help="the pagedkv checkout (default: the current folder)")
+    p.add_argument("--out", default="bench.md", help="markdown table to write")
+    p.add_argument("--plot", default="bench.png", help="PNG chart to write ('' for none)")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -28,3 +28,21 @@ def test_unknown_backend_is_a_one_line_error(capsys):
 def test_version_from_the_console_script():
     out = subprocess.run([sys.executable, "-m", "pagedkv_core.cli", "--version"], capture_output=True, text=True)
     assert out.stdout.startswith("pagedkv ")
+
+
+def test_bench_writes_a_table_and_a_plot(tmp_path, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, plot = tmp_path / "bench.md", tmp_path / "bench.png"
+    code = main(["bench", "--root", str(root), "--backend", "numpy", "--out", str(out), "--plot", str(plot),
+                 "--", "-k", "decode_plan", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01"])
+    assert code == 0
+    table = out.read_text()
+    assert "| benchmark |" in table and "decode_plan" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_an_unknown_backend(capsys):
+    assert main(["bench", "--backend", "tpu"]) == 2
+    assert "no benchmarks for backend" in capsys.readouterr().err
