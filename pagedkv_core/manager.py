@@ -190,28 +190,59 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
             if needed > self.pool.num_free:
                 self.counters["allocation_failures"] += 1
                 raise OutOfBlocks(needed, self.pool.num_free)
-            if root is not None:
-                hashes += self.hasher.chain(request.token_ids, root, hashes[-1] if hashes else None, len(hashes))
+            return self._admit(request, hits, hashes, new_blocks, root)
+
+    def _admit(self, request: AllocationRequest, hits: list[int], hashes: list, new_blocks: int, root,
+               *, pinned: bool = False) -> PagedKvCacheHandle:
+        """Commit an admission whose blocks were checked to be available (hits already pinned if ``pinned``)."""
+        if root is not None:
+            hashes += self.hasher.chain(request.token_ids, root, hashes[-1] if hashes else None, len(hashes))
+        if not pinned:
             for block in hits:
                 self.pool.incref(block)
-            blocks = hits + self.pool.allocate(new_blocks)
-            for i in range(len(hits), len(hashes)):
-                self.pool.register(blocks[i], hashes[i])
-            row = self.tables.acquire()
-            self.tables.set_row(row, blocks, request.initial_tokens)
-            bs = self.config.block_size
-            seq = Sequence(
-                request.request_id, row, blocks, request.initial_tokens, request.priority,
-                next(self._arrivals), self.clock(), root,
-                token_ids=list(request.token_ids) if root is not None else None,
-                hashes=hashes, cached_tokens=len(hits) * bs,
-            )
-            self._seqs[request.request_id] = seq
-            self.counters["allocation_count"] += 1
-            if root is not None:
-                self.counters["prefix_queries"] += request.initial_tokens
-                self.counters["prefix_hits"] += len(hits) * bs
-            return PagedKvCacheHandle(self, request.request_id)
+        blocks = hits + self.pool.allocate(new_blocks)
+        for i in range(len(hits), len(hashes)):
+            self.pool.register(blocks[i], hashes[i])
+        row = self.tables.acquire()
+        self.tables.set_row(row, blocks, request.initial_tokens)
+        bs = self.config.block_size
+        seq = Sequence(
+            request.request_id, row, blocks, request.initial_tokens, request.priority,
+            next(self._arrivals), self.clock(), root,
+            token_ids=list(request.token_ids) if root is not None else None,
+            hashes=hashes, cached_tokens=len(hits) * bs,
+        )
+        self._seqs[request.request_id] = seq
+        self.counters["allocation_count"] += 1
+        if root is not None:
+            self.counters["prefix_queries"] += request.initial_tokens
+            self.counters["prefix_hits"] += len(hits) * bs
+        return PagedKvCacheHandle(self, request.request_id)
+
+    def allocate_batch(self, requests: Seq[AllocationRequest]) -> list[PagedKvCacheHandle]:
+        """Admit several requests at once, all or nothing (a scheduler step's admissions).
+
+        Hits are looked up against the cache as it was before the batch, and
+        every hit is pinned before any new block is taken, so one admission
+        can never evict another's hit.
+        """
+        with self._mutating():
+            ids = [r.request_id for r in requests]
+            if len(set(ids)) != len(ids):
+                raise InvalidArgument("a request id appears twice in one batch")
+            for rid in ids:
+                if rid in self._seqs:
+                    raise SequenceExists(rid)
+            plans = [self._admission_plan(r) for r in requests]
+            pinned = {b for hits, _, _, _ in plans for b in hits if self.pool.ref[b] == 0}
+            needed = len(pinned) + sum(new for _, _, new, _ in plans)
+            if needed > self.pool.num_free:
+                self.counters["allocation_failures"] += len(requests)
+                raise OutOfBlocks(needed, self.pool.num_free)
+            for hits, _, _, _ in plans:
+                for block in hits:
+                    self.pool.incref(block)
+            return [self._admit(r, *plan, pinned=True) for r, plan in zip(requests, plans)]
 
     # -- growing, shrinking ---------------------------------------------------------
 

@@ -276,3 +276,32 @@ def test_allocator_interface_tracks_outside_blocks(manager):
     allocator.free_blocks(blocks)
     assert allocator.free_block_count() == 16
     manager.check_invariants()
+
+
+def test_allocate_batch_admits_all_or_nothing(manager):
+    manager.allocate(request("warm", tokens=range(9)))
+    manager.deallocate("warm")  # its two full blocks stay cached in the free queue
+    handles = manager.allocate_batch([request("a", tokens=range(9)), request("b", n=20)])
+    assert [h.num_cached_tokens for h in handles] == [8, 0]
+    manager.check_invariants()
+    before = snapshot(manager)
+    with pytest.raises(OutOfBlocks):
+        manager.allocate_batch([request("c", n=8), request("d", n=40)])
+    with pytest.raises(SequenceExists):
+        manager.allocate_batch([request("e", n=1), request("a", n=1)])
+    with pytest.raises(InvalidArgument):
+        manager.allocate_batch([request("f", n=1), request("f", n=1)])
+    assert snapshot(manager) == before
+
+
+def test_allocate_batch_pins_hits_before_taking_new_blocks(make_manager):
+    m = make_manager(num_blocks=3)
+    m.allocate(request("warm", tokens=range(5)))  # block 0 holds the cached prefix
+    m.deallocate("warm")
+    m.allocate(request("y", n=8))
+    m.deallocate("y")
+    assert list(m.pool.free_queue())[0] == 0 and m.pool.block_hash[0] is not None
+    # allocated one by one, "new" would take block 0 from the head of the queue and evict the prefix
+    handles = m.allocate_batch([request("new", n=4), request("hit", tokens=range(5))])
+    assert handles[1].num_cached_tokens == 4
+    m.check_invariants()
