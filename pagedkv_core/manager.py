@@ -27,30 +27,28 @@ from . import maintenance
 from .block_pool import BlockPool
 from .block_table import TableArrays
 from .config import AllocationRequest, PrefixCacheConfig
-from .dtypes import itemsize
 from .errors import (
     InvalidArgument,
     OutOfBlocks,
     OutOfBounds,
-    OutOfHostBlocks,
     SequenceExists,
     SequenceNotResident,
     UnknownSequence,
-    UnsupportedOperation,
 )
 from .hashing import BlockHasher
 from .interfaces import AdvancedKvCacheManager
+from .manager_eviction import EvictionMixin
+from .manager_growth import GrowthMixin
+from .manager_host import HostTierMixin
 from .metadata import BatchMetadata, build_batch_metadata
-from .policies import EvictionCandidate, EvictionPolicy, LruPolicy, SequenceInfo
+from .policies import EvictionPolicy, LruPolicy
 from .pressure import MemoryPressure, PressureCallback, PressureMonitor
 from .sequence import PagedKvCacheHandle, SeqState, Sequence
 from .stats import (
     CacheGcStats,
     CacheHandleStats,
     CacheManagerStats,
-    CompressionStats,
     DefragmentResult,
-    EvictionResult,
     FragmentationStats,
 )
 from .storage import BlockStorage
@@ -60,7 +58,7 @@ __all__ = ["PagedKvCacheManager"]
 RUNNING, SWAPPED = SeqState.RUNNING, SeqState.SWAPPED
 
 
-class PagedKvCacheManager(AdvancedKvCacheManager):
+class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvCacheManager):
     """Paged KV-cache bookkeeping over one backend storage (one device).
 
     ``eviction_policy`` chooses victims for :meth:`evict`; ``clock`` is
@@ -246,176 +244,6 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
 
     # -- growing, shrinking ---------------------------------------------------------
 
-    def extend(self, request_id: str, additional_tokens: int, token_ids: Seq[int] | None = None) -> None:
-        """Reserve slots for ``additional_tokens`` more tokens (their ids enable prefix caching)."""
-        self.extend_batch([request_id], [additional_tokens], None if token_ids is None else [token_ids])
-
-    def append_slots(self, request_ids: Seq[str], token_ids: Seq[int] | None = None) -> BatchMetadata:
-        """The decode step: one new token for each sequence; returns the step's kernel metadata.
-
-        This is the hot path of a serving loop, so it is written out rather
-        than routed through :meth:`extend_batch`: one pass to validate, one
-        to commit, and the slot mapping collected on the way.
-        """
-        with self._mutating():
-            try:
-                seqs = [self._seqs[r] for r in request_ids]
-            except KeyError as exc:
-                raise UnknownSequence(exc.args[0]) from None
-            if len(set(request_ids)) != len(seqs):
-                raise InvalidArgument("a request id appears twice in one batch")
-            if token_ids is not None and len(token_ids) != len(seqs):
-                raise InvalidArgument("token_ids must hold one token per request")
-            pool, ref, bs, width = self.pool, self.pool.ref, self.config.block_size, self.tables.width
-            needed = 0
-            for seq in seqs:
-                if seq.state is not RUNNING:
-                    raise SequenceNotResident(seq.request_id, seq.state.value)
-                offset = seq.num_tokens % bs
-                if offset == 0:
-                    if len(seq.blocks) >= width:
-                        raise OutOfBounds(seq.num_tokens, width * bs)
-                    needed += 1
-                elif ref[seq.blocks[-1]] > 1:
-                    needed += 1
-            if needed > pool.num_free:
-                raise OutOfBlocks(needed, pool.num_free)
-            table, now = self.tables.tables, self.clock()
-            slots = [0] * len(seqs)
-            cow_src: list[int] = []
-            cow_dst: list[int] = []
-            for i, seq in enumerate(seqs):
-                n, blocks = seq.num_tokens, seq.blocks
-                offset = n % bs
-                if offset == 0:
-                    block = pool.allocate_one()
-                    table[seq.row, len(blocks)] = block
-                    blocks.append(block)
-                else:
-                    block = blocks[-1]
-                    if ref[block] > 1:  # shared partly filled block: copy on write
-                        cow_src.append(block)
-                        ref[block] -= 1
-                        block = pool.allocate_one()
-                        cow_dst.append(block)
-                        blocks[-1] = block
-                        table[seq.row, len(blocks) - 1] = block
-                slots[i] = block * bs + offset
-                seq.num_tokens = n + 1
-                seq.last_access = now
-                seq.access_count += 1
-                if seq.token_ids is not None:
-                    if token_ids is None:
-                        seq.token_ids, seq.root = None, None
-                    else:
-                        seq.token_ids.append(token_ids[i])
-                        if offset == bs - 1:
-                            self._hash_full_blocks(seq)
-            rows = np.fromiter([seq.row for seq in seqs], np.int64, len(seqs))
-            self.tables.lens[rows] += 1
-            if cow_src:
-                self.storage.copy_blocks(cow_src, cow_dst)
-                self.counters["cow_copies"] += len(cow_src)
-            return build_batch_metadata(tuple(request_ids), table, self.tables.lens, rows, None, bs,
-                                        np.array(slots, np.int32))
-
-    def extend_batch(self, request_ids: Seq[str], counts: Seq[int] | None = None,
-                     token_ids: Seq[Seq[int] | None] | None = None) -> None:
-        """Reserve slots for a whole scheduler step at once; all or nothing.
-
-        ``counts=None`` means one token per sequence. A shared, partly filled
-        last block is copied first (copy-on-write), all copies in one storage call.
-        """
-        with self._mutating():
-            seqs = [self._running(r) for r in request_ids]
-            if len(set(map(id, seqs))) != len(seqs):
-                raise InvalidArgument("a request id appears twice in one batch")
-            counts = [1] * len(seqs) if counts is None else [int(c) for c in counts]
-            if len(counts) != len(seqs) or (token_ids is not None and len(token_ids) != len(seqs)):
-                raise InvalidArgument("request_ids, counts and token_ids must have the same length")
-            self._reserve(seqs, counts, token_ids)
-
-    def _reserve(self, seqs: list[Sequence], counts: list[int], token_ids) -> None:
-        bs, width, ref = self.config.block_size, self.tables.width, self.pool.ref
-        needed = 0
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
-            if n < 0:
-                raise InvalidArgument(f"cannot extend {seq.request_id!r} by {n} tokens")
-            total = seq.num_tokens + n
-            blocks = -(-total // bs)
-            if blocks > width:
-                raise OutOfBounds(total - 1, width * bs)
-            needed += blocks - len(seq.blocks)
-            if n and seq.num_tokens % bs and ref[seq.blocks[-1]] > 1:
-                needed += 1
-            if token_ids is not None and token_ids[i] is not None and len(token_ids[i]) != n:
-                raise InvalidArgument(f"{seq.request_id!r}: {len(token_ids[i])} token ids for {n} tokens")
-        if needed > self.pool.num_free:
-            raise OutOfBlocks(needed, self.pool.num_free)
-        cow_src: list[int] = []
-        cow_dst: list[int] = []
-        table, lens, now = self.tables.tables, self.tables.lens, self.clock()
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
-            seq.last_access = now
-            seq.access_count += 1
-            if not n:
-                continue
-            blocks, row = seq.blocks, seq.row
-            if seq.num_tokens % bs and ref[blocks[-1]] > 1:
-                (fresh,) = self.pool.allocate(1)
-                cow_src.append(blocks[-1])
-                cow_dst.append(fresh)
-                ref[blocks[-1]] -= 1  # still >= 1: other owners keep it
-                blocks[-1] = fresh
-                table[row, len(blocks) - 1] = fresh
-            total = seq.num_tokens + n
-            grow = -(-total // bs) - len(blocks)
-            if grow:
-                fresh_blocks = self.pool.allocate(grow)
-                table[row, len(blocks):len(blocks) + grow] = fresh_blocks
-                blocks.extend(fresh_blocks)
-            seq.num_tokens = total
-            lens[row] = total
-            if seq.token_ids is not None:
-                tokens = None if token_ids is None else token_ids[i]
-                if tokens is None:  # ids unknown: this sequence stops feeding the prefix cache
-                    seq.token_ids, seq.root = None, None
-                else:
-                    seq.token_ids.extend(tokens)
-                    self._hash_full_blocks(seq)
-        if cow_src:
-            self.storage.copy_blocks(cow_src, cow_dst)
-            self.counters["cow_copies"] += len(cow_src)
-
-    def _hash_full_blocks(self, seq: Sequence) -> None:
-        bs, hashes, tokens = self.config.block_size, seq.hashes, seq.token_ids
-        while len(hashes) < len(tokens) // bs:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else seq.root
-            block_hash = self.hasher.next(parent, tokens[i * bs:(i + 1) * bs])
-            hashes.append(block_hash)
-            self.pool.register(seq.blocks[i], block_hash)
-
-    def trim(self, request_id: str, num_tokens: int) -> None:
-        """Roll back the last ``num_tokens`` tokens (rejected speculative tokens)."""
-        with self._mutating():
-            seq = self._running(request_id)
-            if not 0 <= num_tokens <= seq.num_tokens:
-                raise OutOfBounds(seq.num_tokens - num_tokens, seq.num_tokens)
-            bs = self.config.block_size
-            total = seq.num_tokens - num_tokens
-            keep = -(-total // bs)
-            dropped = seq.blocks[keep:]
-            del seq.blocks[keep:]
-            self.pool.free(reversed(dropped))
-            if total % bs and self.pool.ref[seq.blocks[-1]] == 1:
-                self.pool.unregister(seq.blocks[-1])  # about to be overwritten: no longer that prefix
-            seq.num_tokens = total
-            del seq.hashes[total // bs:]
-            if seq.token_ids is not None:
-                del seq.token_ids[total:]
-            self.tables.set_row(seq.row, seq.blocks, total)
-
     def deallocate(self, request_id: str) -> None:
         """Free a sequence; its full blocks stay in the prefix cache until their space is needed."""
         with self._mutating():
@@ -474,126 +302,6 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
             hashes=src.hashes[:num_tokens // bs], cached_tokens=num_tokens, dropped_tokens=src.dropped_tokens,
         )
 
-    # -- the host tier -----------------------------------------------------------------
-
-    def swap_out(self, request_id: str, *, quantize: str | None = None) -> None:
-        """Copy a sequence's blocks to the host tier and free them on the device (preemption)."""
-        with self._mutating():
-            seq = self._running(request_id)
-            count = len(seq.blocks)
-            if count > self.host_capacity - self.host_used:
-                raise OutOfHostBlocks(count, self.host_capacity - self.host_used)
-            host = self.storage.swap_out(seq.blocks, quantize=quantize)
-            self.pool.free(reversed(seq.blocks))
-            seq.blocks = []
-            self.tables.set_row(seq.row, [], seq.num_tokens)
-            seq.state, seq.host, seq.host_blocks = SWAPPED, host, count
-            seq.host_lossy = quantize is not None and not self.config.quantized
-            self.host_used += count
-            self.counters["swap_out_count"] += 1
-
-    def swap_in(self, request_id: str) -> None:
-        """Bring a swapped sequence back into fresh device blocks."""
-        with self._mutating():
-            seq = self._sequence(request_id)
-            if seq.state is not SWAPPED:
-                raise SequenceNotResident(request_id, seq.state.value)
-            if seq.host_blocks > self.pool.num_free:
-                raise OutOfBlocks(seq.host_blocks, self.pool.num_free)
-            blocks = self.pool.allocate(seq.host_blocks)
-            try:
-                seq.host.wait()
-                self.storage.swap_in(seq.host, blocks)
-            except BaseException:
-                self.pool.free(reversed(blocks))
-                raise
-            seq.blocks = blocks
-            if seq.host_lossy:  # dequantized values differ from what the hashes describe
-                seq.root, seq.token_ids, seq.hashes = None, None, []
-            for block, block_hash in zip(blocks, seq.hashes):
-                self.pool.register(block, block_hash)
-            self.tables.set_row(seq.row, blocks, seq.num_tokens)
-            self.host_used -= seq.host_blocks
-            seq.state, seq.host, seq.host_blocks, seq.host_lossy = RUNNING, None, 0, False
-            self.counters["swap_in_count"] += 1
-
-    def export_sequence(self, request_id: str) -> tuple[Sequence, object]:
-        """Copy a running sequence's blocks to host memory and remove it from this manager.
-
-        Returns its record and host blocks for :meth:`import_sequence` of
-        another manager (``MultiDeviceManager.move_cache``).
-        """
-        with self._mutating():
-            seq = self._running(request_id)
-            host = self.storage.swap_out(seq.blocks)
-            self._release(seq)
-            return seq, host
-
-    def can_import(self, num_blocks: int) -> bool:
-        return num_blocks <= self.pool.num_free
-
-    def import_sequence(self, record: Sequence, host) -> PagedKvCacheHandle:
-        """Admit a sequence exported by another manager, with its data and prefix hashes."""
-        with self._mutating():
-            if record.request_id in self._seqs:
-                raise SequenceExists(record.request_id)
-            if host.num_blocks > self.pool.num_free:
-                raise OutOfBlocks(host.num_blocks, self.pool.num_free)
-            if type(host).__module__ != type(self.storage).__module__:
-                host = host.to_numpy()
-            blocks = self.pool.allocate(host.num_blocks)
-            try:
-                host.wait()
-                self.storage.swap_in(host, blocks)
-            except BaseException:
-                self.pool.free(reversed(blocks))
-                raise
-            for block, block_hash in zip(blocks, record.hashes):
-                self.pool.register(block, block_hash)
-            row = self.tables.acquire()
-            self.tables.set_row(row, blocks, record.num_tokens)
-            self._seqs[record.request_id] = Sequence(
-                record.request_id, row, blocks, record.num_tokens, record.priority, next(self._arrivals),
-                self.clock(), record.root, token_ids=record.token_ids, hashes=list(record.hashes),
-                cached_tokens=record.cached_tokens, dropped_tokens=record.dropped_tokens,
-            )
-            return PagedKvCacheHandle(self, record.request_id)
-
-    def compress_cache(self, request_id: str, compression_ratio: float | None = None) -> None:
-        """Move a sequence to the host tier as int8 with per-(block, head) scales; ``swap_in`` restores it.
-
-        ``compression_ratio`` (host bytes / device bytes) is the most the caller
-        accepts; ``UnsupportedOperation`` if int8 cannot reach it.
-        """
-        with self._mutating():
-            if self.config.quantized:
-                raise UnsupportedOperation(f"the pool already stores {self.config.dtype}")
-            seq = self._running(request_id)
-            c = self.config
-            per_block = c.block_size * c.num_kv_heads * c.head_dim
-            ratio = (per_block + c.num_kv_heads * 4) / (per_block * itemsize(c.dtype))
-            if compression_ratio is not None and not 0 < compression_ratio <= 1:
-                raise InvalidArgument(f"compression_ratio must be in (0, 1], got {compression_ratio}")
-            if compression_ratio is not None and ratio > compression_ratio:
-                raise UnsupportedOperation(f"int8 reaches a ratio of {ratio:.3f}, above the {compression_ratio} asked")
-            device_bytes = len(seq.blocks) * c.bytes_per_block
-            start = time.perf_counter()
-            self.swap_out(request_id, quantize="int8")
-            self._compressions.append((device_bytes, seq.host.nbytes, time.perf_counter() - start))
-
-    def compression_stats(self) -> CompressionStats:
-        with self._lock:
-            done = self._compressions
-            current = sum(1 for s in self._seqs.values() if s.host_lossy)
-            if not done:
-                return CompressionStats(current, 0, 1.0, 0.0)
-            return CompressionStats(
-                current,
-                sum(d - h for d, h, _ in done),
-                sum(h / d for d, h, _ in done) / len(done),
-                1000 * sum(t for _, _, t in done) / len(done),
-            )
-
     def enable_prefix_caching(self, config: PrefixCacheConfig) -> None:
         """Switch prefix caching on (or off with ``enabled=False``, which forgets every cached free block)."""
         with self._mutating():
@@ -602,87 +310,6 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
                 self.pool.trim_cached(0)
             elif config.max_prefixes is not None:
                 self.pool.trim_cached(config.max_prefixes)
-
-    # -- eviction -----------------------------------------------------------------------
-
-    def sequence_infos(self) -> list[SequenceInfo]:
-        """Snapshots of the running sequences, as eviction policies see them."""
-        with self._lock:
-            ref = self.pool.ref
-            return [
-                SequenceInfo(s.request_id, s.num_tokens, len(s.blocks), sum(1 for b in s.blocks if ref[b] == 1),
-                             s.priority, s.last_access, s.access_count, s.arrival)
-                for s in self._seqs.values() if s.state is RUNNING
-            ]
-
-    def select_eviction_candidates(self, required_bytes: int) -> list[EvictionCandidate]:
-        required = -(-int(required_bytes) // self.config.bytes_per_block)
-        return self.policy.select_eviction_candidates(required, self.sequence_infos())
-
-    def record_access(self, request_id: str) -> None:
-        """Mark a sequence as used now (LRU/LFU read this)."""
-        with self._lock:
-            seq = self._sequence(request_id)
-            seq.last_access = self.clock()
-            seq.access_count += 1
-            self.policy.record_access(request_id, seq.last_access)
-
-    def evict(self, required_blocks: int | None = 1, *, swap: bool = True) -> EvictionResult:
-        """Free at least ``required_blocks`` blocks as the policy chooses.
-
-        Whole-sequence victims are swapped to the host tier when it has room
-        (and ``swap``), else dropped: their handles become invalid. Window
-        policies cut blocks out of sequences instead.
-        """
-        with self._mutating():
-            free_before = self.pool.num_free
-            swapped, dropped, trimmed = [], [], []
-            for cand in self.policy.select_eviction_candidates(required_blocks, self.sequence_infos()):
-                seq = self._running(cand.request_id)
-                if cand.blocks is not None:
-                    trimmed.append((seq.request_id, self._cut_blocks(seq, cand.blocks)))
-                elif swap and len(seq.blocks) <= self.host_capacity - self.host_used:
-                    self.swap_out(seq.request_id)
-                    swapped.append(seq.request_id)
-                else:
-                    self._release(seq)
-                    dropped.append(seq.request_id)
-                self.counters["eviction_count"] += 1
-            return EvictionResult(tuple(swapped), tuple(dropped), tuple(trimmed), self.pool.num_free - free_before)
-
-    def evict_to_threshold(self, utilization: float, *, swap: bool = True) -> EvictionResult:
-        """Evict until at most ``utilization`` of the pool is in use."""
-        if not 0 <= utilization <= 1:
-            raise InvalidArgument(f"utilization must be in [0, 1], got {utilization}")
-        with self._lock:
-            excess = self.pool.num_used - int(utilization * self.config.num_blocks)
-            if excess <= 0:
-                return EvictionResult((), (), (), 0)
-            return self.evict(excess, swap=swap)
-
-    def trim_window(self, request_id: str, policy) -> int:
-        """Apply a window policy (StreamingLLM, sliding window) to one sequence; return tokens removed."""
-        with self._mutating():
-            seq = self._running(request_id)
-            return self._cut_blocks(seq, tuple(policy.cut(seq.num_tokens)))
-
-    def _cut_blocks(self, seq: Sequence, logical: Seq[int]) -> int:
-        bs = self.config.block_size
-        cut = sorted(set(logical))
-        if not cut:
-            return 0
-        if cut[0] < 0 or cut[-1] >= seq.num_tokens // bs or cut[-1] >= len(seq.blocks) - 1:
-            raise InvalidArgument(f"can only cut full blocks before the last one of {seq.request_id!r}")
-        removed = [seq.blocks[i] for i in cut]
-        cut_set = set(cut)
-        seq.blocks = [b for i, b in enumerate(seq.blocks) if i not in cut_set]
-        self.pool.free(reversed(removed))
-        tokens = len(cut) * bs
-        seq.num_tokens -= tokens
-        seq.dropped_tokens += tokens
-        seq.root, seq.token_ids, seq.hashes = None, None, []  # no longer a prefix of its own tokens
-        self.tables.set_row(seq.row, seq.blocks, seq.num_tokens)
-        return tokens
 
     # -- reclaiming and compaction -------------------------------------------------------
 
