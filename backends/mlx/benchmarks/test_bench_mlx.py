@@ -5,7 +5,7 @@ only to ``--benchmark-only``, not to ``--benchmark-enable``)::
 
     pytest backends/mlx/benchmarks -m benchmark --benchmark-only -s
 
-Results and method are in ``backends/mlx/BENCHMARKS.md``.
+Results and method are in ``docs/benchmarks-mlx.md``.
 """
 
 from __future__ import annotations

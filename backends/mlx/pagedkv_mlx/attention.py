@@ -3,7 +3,7 @@
 ``plan`` validates the batch with the core's ``check_batch`` (typed errors,
 before any work), lays it out on the host (:class:`BatchLayout`: visible
 blocks per sequence, masks) and builds one of two kernels, chosen per device
-by measurement (``BENCHMARKS.md``):
+by measurement (``docs/benchmarks-mlx.md``):
 
 * ``host`` (default on ``cpu``): NumPy over zero-copy views of the pools,
   :mod:`pagedkv_mlx.kernel_host`. On Linux it runs a decode batch several

@@ -1,6 +1,6 @@
 """The ``host`` attention kernel: NumPy over zero-copy views of the MLX pools (the ``cpu`` default).
 
-Why NumPy on MLX's CPU device: measured on Linux (``BENCHMARKS.md``), MLX's
+Why NumPy on MLX's CPU device: measured on Linux (``docs/benchmarks-mlx.md``), MLX's
 CPU gather (``mx.take`` or integer indexing) moves at most about 1.5 GB/s, so gathering
 a batch's K/V cost more than the attention, and the fused SDPA falls back to
 unfused CPU ops. NumPy reads the pools in place through the buffer protocol

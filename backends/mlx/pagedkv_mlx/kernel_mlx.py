@@ -15,7 +15,7 @@ Evaluation point: ``run`` evaluates the gathered K/V before building the
 attention, which releases the pools (see :mod:`pagedkv_mlx.storage`); the
 output is returned lazily so MLX can fuse it with what the caller does next.
 On Linux's CPU device this kernel is correct but slow (MLX's CPU gather);
-``BENCHMARKS.md`` has the figures.
+``docs/benchmarks-mlx.md`` has the figures.
 """
 
 from __future__ import annotations

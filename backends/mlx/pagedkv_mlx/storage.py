@@ -24,7 +24,7 @@ pool first. Hence these evaluation points:
   ``run``; ``gather``, ``to_numpy`` and ``swap_out`` return evaluated copies.
 
 So no pool reference outlives a call, and a decode step's write costs the
-same for a pool of 1k or 16k blocks (``BENCHMARKS.md``). A caller that keeps
+same for a pool of 1k or 16k blocks (``docs/benchmarks-mlx.md``). A caller that keeps
 an evaluated view of a pool (a :meth:`MlxStorage.pools` slice, ``storage.k[:, i]``)
 across a write makes that write copy the pool: read through ``gather`` /
 ``to_numpy`` or drop the view first. The storage is not thread-safe: one

@@ -43,7 +43,7 @@ TILE_BYTES = 2 << 20
 
 Small enough to stay cached between the gather and the matmul, large enough
 that Python steps are few: 2-4 MiB measured best, 16 MiB twice as slow
-(see BENCHMARKS.md)."""
+(see docs/benchmarks-numpy.md)."""
 GROUP_SLOTS = 1 << 16
 """Rows x key slots of one decode group; bounds its score buffer (x num_q_heads x 4 bytes)."""
 Q_TILE = 64
