@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .config import CacheConfig
-from .errors import InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
+from .errors import DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
 
 __all__ = ["BlockStorage", "HostBlocks", "NumpyHostBlocks", "StorageChecks", "as_index_array"]
 
@@ -127,7 +127,7 @@ def as_index_array(values: Any, name: str) -> np.ndarray:
     else:
         array = np.asarray(values)
     if array.size and array.dtype.kind not in "iu":
-        raise InvalidArgument(f"{name} must hold integers, got dtype {array.dtype}")
+        raise DTypeMismatch(f"{name} must hold integers, got dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
 
 
