@@ -38,7 +38,9 @@ def _holes(mask: np.ndarray) -> int:
 def defragment(m: PagedKvCacheManager) -> DefragmentResult:
     """Move occupied blocks with high ids into free low ids, in one storage copy.
 
-    Afterwards the occupied blocks are exactly ``0 .. k-1`` and the free queue
+    Blocks taken through the manager's ``allocator`` stay where they are
+    (their owners hold the ids). Otherwise the occupied blocks end up exactly
+    ``0 .. k-1``, and the free queue
     hands out uncached blocks in ascending order, then cached free blocks in
     their previous (least recently freed first) order.
     """
@@ -46,8 +48,9 @@ def defragment(m: PagedKvCacheManager) -> DefragmentResult:
     occupied = _occupied(m)
     holes_before = _holes(occupied)
     k = int(occupied.sum())
-    movers = [int(b) for b in np.flatnonzero(occupied[k:]) + k]
-    targets = [int(b) for b in np.flatnonzero(~occupied[:k])]
+    pinned = set(m._external)  # blocks handed out through ``allocator``: their owners hold the ids
+    movers = [int(b) for b in np.flatnonzero(occupied[k:]) + k if int(b) not in pinned]
+    targets = [int(b) for b in np.flatnonzero(~occupied[:k])][:len(movers)]
     if movers:
         m.storage.copy_blocks(movers, targets)
         mapping = dict(zip(movers, targets))
@@ -58,7 +61,6 @@ def defragment(m: PagedKvCacheManager) -> DefragmentResult:
             if block_hash is not None:
                 pool.cached[block_hash] = dst
         pool.free_cached = {mapping.get(b, b): t for b, t in pool.free_cached.items()}
-        m._external = Counter({mapping.get(b, b): n for b, n in m._external.items()})
         for seq in m._seqs.values():
             if seq.blocks:
                 seq.blocks = [mapping.get(b, b) for b in seq.blocks]

@@ -77,8 +77,8 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         self.pressure = PressureMonitor(config.pressure, clock)
         self.prefix_config: PrefixCacheConfig | None = None
         self.hasher: BlockHasher | None = None
-        if config.prefix_caching:
-            self._set_prefix_config(config.prefix_cache)
+        self._last_plan: tuple[object, object, list] = (None, None, [])  # (request, root, its chain so far)
+        self._set_prefix_config(config.prefix_cache if config.prefix_caching else None)
         self.host_capacity = config.num_host_blocks
         self.host_used = 0
         self._seqs: dict[str, Sequence] = {}
@@ -88,7 +88,6 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         self._forks = itertools.count(1)
         self.counters: Counter[str] = Counter()
         self._compressions: list[tuple[int, int, float]] = []  # (device bytes, host bytes, seconds)
-        self._last_plan: tuple[object, object, list] = (None, None, [])  # (request, root, its chain so far)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -116,6 +115,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         return request_id in self._seqs
 
     def _set_prefix_config(self, prefix: PrefixCacheConfig | None) -> None:
+        self._last_plan = (None, None, [])  # hashes cached under the old scheme are void
         self.prefix_config = prefix if prefix is not None and prefix.enabled else None
         if self.prefix_config is None:
             self.hasher = None

@@ -138,3 +138,16 @@ def test_fragmentation_stats_counts_waste_and_runs(manager):
     assert frag.largest_free_run == 12
     assert frag.fragmentation_ratio == pytest.approx(1 - 12 / 13)
     assert frag.avg_tokens_per_block == pytest.approx((4 + 1 + 1) / 3)
+
+
+def test_defragment_leaves_allocator_blocks_in_place(manager):
+    manager.allocate(request("a", n=8))
+    scratch = manager.allocator.allocate_blocks(2)  # blocks 2, 3
+    manager.allocate(request("b", n=8))  # blocks 4, 5
+    manager.deallocate("a")
+    manager.defragment()
+    assert manager.get_handle("b").block_table.block_ids == (0, 1)
+    assert all(manager.pool.ref[b] == 1 for b in scratch)
+    manager.check_invariants()
+    manager.allocator.free_blocks(scratch)
+    manager.check_invariants()
