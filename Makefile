@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PACKAGES := . $(sort $(dir $(wildcard backends/*/pyproject.toml))) conformance
 PYTEST_FLAGS ?=
+# One BLAS thread: the NumPy kernels and the demo's small matmuls gain nothing from more,
+# and spinning BLAS threads on a shared 2-core machine slow everything down several times.
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: test test-all demo bench lint install clean
 

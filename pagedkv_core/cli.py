@@ -12,7 +12,8 @@ __all__ = ["main"]
 
 EXAMPLES = {
     "backends": "examples:\n  pagedkv backends\n  PAGEDKV_BLOCKED_PLUGINS=cupy pagedkv backends",
-    "demo": "examples:\n  pagedkv demo\n  pagedkv demo --backend torch --device cpu",
+    "demo": ("examples:\n  pagedkv demo\n  pagedkv demo --requests 50 --plot blocks.png\n"
+             "  pagedkv demo --backend torch --device cpu --seed 3"),
     "conformance": ("examples:\n  pagedkv conformance --backend numpy --device cpu\n"
                     "  pagedkv conformance --backend torch --dtype float16,bfloat16\n"
                     "  pagedkv conformance --full -- -x -k attention"),
@@ -43,9 +44,13 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .walkthrough import run_walkthrough
+    from .demo.run import run_demo
 
-    run_walkthrough(args.backend, args.device)
+    report = run_demo(args.backend, args.device, args.requests, args.seed, args.plot)
+    if not report.ok:
+        print(f"pagedkv: error: self-check failed: verified {report.verified}/{report.checked}, "
+              f"consistent: {report.consistent}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list backends, their devices and why any is unavailable",
                        epilog=EXAMPLES["backends"], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=_cmd_backends)
-    p = sub.add_parser("demo", help="a scripted walk through the manager on a backend",
+    p = sub.add_parser("demo", help="a continuous-batching serving run that checks itself and reports",
                        epilog=EXAMPLES["demo"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="numpy", help="backend to serve on (default: numpy)")
+    p.add_argument("--device", default="cpu", help="device of that backend (default: cpu)")
+    p.add_argument("--requests", type=int, default=200, help="synthetic requests to serve (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model weights and the workload")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of block use and pressure over time")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("conformance", help="run the conformance suite and print a per-area summary",
                        epilog=EXAMPLES["conformance"], formatter_class=argparse.RawDescriptionHelpFormatter)

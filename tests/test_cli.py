@@ -1,4 +1,4 @@
-"""The command line: backends table, walkthrough, version and errors."""
+"""The command line: backends table, demo, conformance, bench, version and errors."""
 
 import subprocess
 import sys
@@ -13,10 +13,10 @@ def test_backends_lists_numpy(capsys):
     assert any(line.startswith("numpy") and " yes " in line for line in out.splitlines())
 
 
-def test_walkthrough_demo_checks_itself(capsys):
-    assert main(["demo", "--backend", "numpy"]) == 0
+def test_demo_command_checks_itself(capsys):
+    assert main(["demo", "--requests", "12", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "K/V bit-exact: True" in out and "walkthrough checks passed" in out
+    assert "pagedkv demo report" in out and "verified" in out
 
 
 def test_unknown_backend_is_a_one_line_error(capsys):
