@@ -27,7 +27,7 @@ class TraceResult:
     wall_seconds: float
     decode_seconds: float
     decode_tokens: int
-    block_ops: int
+    block_ops: int  # blocks allocated, referenced by a hit, or released
     hit_rate: float
     preemptions: int
     mean_waste: float  # unused slots / allocated slots, averaged over steps
@@ -121,8 +121,7 @@ def run_trace(requests, *, prefix_caching: bool = True, num_blocks: int = 4096, 
     wall = time.perf_counter() - start
     manager.check_invariants()
     stats = manager.stats()
-    block_ops = stats.allocation_count + decode_tokens // bs * 2 + manager.pool.evicted_cached
-    return TraceResult(wall, decode_seconds, decode_tokens, block_ops, stats.cache_hit_rate, preemptions,
+    return TraceResult(wall, decode_seconds, decode_tokens, manager.pool.block_ops, stats.cache_hit_rate, preemptions,
                        waste_sum / max(1, steps // 64), worst_partial, steps)
 
 

@@ -41,6 +41,7 @@ class BlockPool:
         self._prev[sentinel] = num_blocks - 1 if num_blocks else sentinel
         self.num_free = num_blocks
         self.evicted_cached = 0  # cached blocks whose contents were reused for new data
+        self.block_ops = 0  # blocks allocated, referenced again, or released: the pool's work
 
     # -- the free queue --------------------------------------------------------
 
@@ -84,6 +85,7 @@ class BlockPool:
         """Take ``count`` blocks from the head of the queue, each with ref count 1."""
         if count > self.num_free:
             raise OutOfBlocks(count, self.num_free)
+        self.block_ops += count
         out = []
         sentinel = self.num_blocks
         nxt, ref = self._next, self.ref
@@ -101,6 +103,7 @@ class BlockPool:
         """``allocate(1)[0]`` without the list: the decode step's common case."""
         if not self.num_free:
             raise OutOfBlocks(1, 0)
+        self.block_ops += 1
         block = self._next[self.num_blocks]
         self._unlink(block)
         if self.block_hash[block] is not None:
@@ -115,6 +118,7 @@ class BlockPool:
             self._unlink(block)
             self.free_cached.pop(block, None)
         self.ref[block] += 1
+        self.block_ops += 1
 
     def free(self, blocks: Iterable[int]) -> int:
         """Drop one reference of each block, in order; return how many became free."""
@@ -123,6 +127,7 @@ class BlockPool:
         now = None
         for block in blocks:
             ref[block] -= 1
+            self.block_ops += 1
             if ref[block] == 0:
                 self._append(block)
                 freed += 1

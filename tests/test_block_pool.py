@@ -49,6 +49,7 @@ def test_shared_block_returns_to_the_queue_only_with_its_last_reference():
     pool.incref(a)
     assert pool.free([a]) == 0 and pool.num_free == 1
     assert pool.free([a]) == 1 and pool.num_free == 2
+    assert pool.block_ops == 4  # allocate, incref, two releases
 
 
 def test_out_of_blocks_reports_numbers_and_changes_nothing():
