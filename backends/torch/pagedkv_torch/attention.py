@@ -1,0 +1,94 @@
+"""Paged attention of the torch backend: picks a kernel per device and builds a plan.
+
+``kernel="auto"`` runs the Triton kernels on CUDA devices when triton is
+importable and torch ops everywhere else; ``kernel="torch"`` forces torch ops;
+``kernel="triton"`` forces the Triton kernels, which on CPU tensors run only
+under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported) — that is how the GPU code path is tested on machines without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from pagedkv_core.attention import AttentionBase, AttentionParams, AttentionPlan, check_batch
+from pagedkv_core.errors import InvalidArgument, UnsupportedOperation
+
+from .storage import TorchStorage
+from .torch_decode import DEFAULT_TILE_BYTES, TorchDecodePlan
+from .torch_prefill import TorchPrefillPlan
+
+__all__ = ["TorchAttention", "KERNELS", "triton_interpreting", "triton_available"]
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels will run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class TorchAttention(AttentionBase):
+    """Paged decode and prefill over a :class:`TorchStorage`.
+
+    ``kernel``: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module doc).
+    ``tile_bytes``: float32 K bytes per tile of the torch decode kernel (a
+    cache-sized working set; see ``torch_decode``). ``split_tokens``: tokens
+    per split of the Triton decode kernel (``None``: enough splits to fill the
+    GPU's SMs, at least 256 tokens each).
+    """
+
+    def __init__(self, kernel: str = "auto", *, tile_bytes: int = DEFAULT_TILE_BYTES,
+                 split_tokens: int | None = None) -> None:
+        if kernel not in KERNELS:
+            raise InvalidArgument(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if tile_bytes < 1:
+            raise InvalidArgument(f"tile_bytes must be positive, got {tile_bytes}")
+        self.kernel = kernel
+        self.tile_bytes = int(tile_bytes)
+        if split_tokens is not None and split_tokens < 1:
+            raise InvalidArgument(f"split_tokens must be positive or None, got {split_tokens}")
+        self.split_tokens = split_tokens
+
+    def kernel_for(self, storage: TorchStorage) -> str:
+        """The kernel a plan over ``storage`` will use, or the reason the requested one cannot run."""
+        dev = storage.torch_device
+        if self.kernel == "torch":
+            return "torch"
+        if self.kernel == "auto":
+            return "triton" if dev.type == "cuda" and triton_available() else "torch"
+        if not triton_available():
+            raise UnsupportedOperation("kernel='triton' needs the triton package (pip install pagedkv-torch[triton])")
+        if dev.type != "cuda" and not (dev.type == "cpu" and triton_interpreting()):
+            raise UnsupportedOperation(
+                f"the Triton kernels run on CUDA devices, or on CPU tensors under TRITON_INTERPRET=1; not on {dev}")
+        return "triton"
+
+    def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
+             sliding_window=None, soft_cap=None) -> AttentionPlan:
+        """Validate a batch once per step; the plan's ``run(q, layer)`` serves every layer.
+
+        ``block_tables: int [batch, max_blocks]``, ``seq_lens: int [batch]``,
+        ``query_start_loc: int [batch + 1]`` or ``None`` for decode (one query
+        per sequence); host NumPy arrays or tensors.
+        """
+        if not isinstance(storage, TorchStorage):
+            raise InvalidArgument(f"torch attention needs a TorchStorage, got {type(storage).__name__}")
+        config = storage.config
+        params = AttentionParams.make(config.head_dim, scale=scale, causal=causal,
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
+        index = check_batch(config, block_tables, seq_lens, query_start_loc)
+        if self.kernel_for(storage) == "triton":
+            from .triton_attention import TritonDecodePlan, TritonPrefillPlan
+
+            if index.is_decode:
+                return TritonDecodePlan(storage, index, params, self.split_tokens)
+            return TritonPrefillPlan(storage, index, params)
+        if index.is_decode:
+            return TorchDecodePlan(storage, index, params, self.tile_bytes)
+        return TorchPrefillPlan(storage, index, params)

@@ -1,0 +1,57 @@
+"""The torch backend object: devices, capabilities, storage and attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedkv_core.backend import Capabilities, Probe
+from pagedkv_core.config import CacheConfig
+from pagedkv_core.errors import BackendUnavailable
+
+from .attention import TorchAttention
+from .convert import to_numpy, to_tensor
+from .devices import float_dtypes, known_devices, parse_device, probe_device, quantized_dtypes
+from .storage import TorchStorage
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """PyTorch on ``cpu``, ``cuda:N`` and ``mps``.
+
+    ``attention`` picks its kernel per device (Triton on CUDA when importable,
+    torch ops elsewhere); build ``TorchAttention(kernel=...)`` to force one.
+    """
+
+    name = "torch"
+    version = torch.__version__
+
+    def __init__(self) -> None:
+        self.attention = TorchAttention()
+
+    def devices(self) -> list[str]:
+        return known_devices()
+
+    def probe(self, device: str | None = None) -> Probe:
+        return probe_device(device)
+
+    def capabilities(self, device: str) -> Capabilities:
+        dev = parse_device(device)
+        return Capabilities(dtypes=float_dtypes(dev), quantized=quantized_dtypes(dev), max_head_dim=512)
+
+    def create_storage(self, config: CacheConfig, device: str = "cpu") -> TorchStorage:
+        probe = self.probe(device)
+        if not probe.available:
+            raise BackendUnavailable(self.name, f"device {device!r}: {probe.reason}")
+        return TorchStorage(config, device)
+
+    def asarray(self, array: Any, device: str = "cpu", dtype: str | None = None) -> torch.Tensor:
+        """A copy of ``array`` as a tensor on ``device``; ``dtype`` is a pagedkv name such as ``"bfloat16"``."""
+        return to_tensor(array, parse_device(device), dtype)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """A NumPy copy of a tensor (bfloat16 and float8 as float32)."""
+        return to_numpy(array)
