@@ -51,7 +51,7 @@ class NumpyHostBlocks:
     """Host blocks as NumPy arrays: the portable form.
 
     ``k``/``v``: ``[num_layers, n, block_size, num_kv_heads, head_dim]`` in the
-    stored dtype (bfloat16 travels as float32, which holds it exactly);
+    stored dtype (bfloat16 and float8 travel as float32, which hold them exactly);
     ``k_scale``/``v_scale``: float32 ``[num_layers, n, num_kv_heads]`` for
     quantized blocks, else ``None``.
     """
@@ -108,7 +108,10 @@ class BlockStorage(Protocol):
         """Copy host blocks into the device blocks ``block_ids`` (dequantizing if needed)."""
 
     def to_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole K and V pools of ``layer`` as NumPy (dequantized values for quantized pools)."""
+        """A snapshot copy of the whole K and V pools of ``layer`` as NumPy (dequantized for quantized pools).
+
+        Never a live view: later writes must not change what was returned.
+        """
 
     @property
     def nbytes(self) -> int:

@@ -136,7 +136,7 @@ class NumpyStorage:
         ids = self.checks.host_blocks(host, block_ids)
         k, v = host.k, host.v
         host_quantized = host.k_scale is not None
-        if self.quantized and host_quantized:
+        if self.quantized and host.dtype == self.config.dtype:
             self.k[:, ids], self.v[:, ids] = k, v
             self.k_scale[:, ids], self.v_scale[:, ids] = host.k_scale, host.v_scale
             return

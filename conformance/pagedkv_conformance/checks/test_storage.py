@@ -62,3 +62,15 @@ def test_nbytes_covers_the_pools(target, dtype):
     storage = make_storage(target, config)
     values = 2 * config.num_layers * config.num_blocks * config.block_size * config.num_kv_heads * config.head_dim
     assert storage.nbytes >= values * (1 if is_quantized(dtype) else 2)
+
+
+def test_to_numpy_is_a_snapshot(target, dtype):
+    config = make_config(dtype, block_size=4, num_blocks=4, head_dim=64)
+    storage = make_storage(target, config)
+    first, _ = storage.to_numpy(0)
+    x = np.ones((1, 2, 64), np.float32)
+    native = target.backend.asarray(x, target.device, input_dtype(dtype))
+    storage.write(0, np.array([5]), native, native)
+    storage.synchronize()
+    assert not np.asarray(first).any(), "to_numpy returned a live view: a later write changed it"
+    assert np.asarray(storage.to_numpy(0)[0]).any()
