@@ -4,7 +4,7 @@ import random
 import threading
 
 from kvhelpers import make_config
-from pagedkv_core import PagedKvCacheManager, PagedKvError, SeqState
+from pagedkv_core import PagedKvCacheManager, PagedKvError, SeqState, UnknownSequence
 from pagedkv_core.config import AllocationRequest
 from pagedkv_numpy.storage import NumpyStorage
 
@@ -50,8 +50,10 @@ def worker(manager: PagedKvCacheManager, seed: int, errors: list) -> None:
             except PagedKvError:
                 pass  # out of blocks, swapped sequence, trimmed to zero...: legitimate refusals
         for rid in mine:
-            if manager.has_sequence(rid):
+            try:
                 manager.deallocate(rid)
+            except UnknownSequence:
+                pass  # another thread's eviction dropped it
     except Exception as exc:  # anything else is a bug
         errors.append(exc)
 
