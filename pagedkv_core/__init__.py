@@ -11,6 +11,7 @@ from .block_table import BlockTable
 from .config import AllocationRequest, CacheConfig, PrefixCacheConfig, PressureThresholds
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
+from .events import AllCleared, BlockRemoved, BlockStored
 from .interfaces import (
     AdvancedKvCacheManager,
     BlockAllocator,
@@ -69,6 +70,8 @@ __all__ = [
     "Backend", "BackendSpec", "Capabilities", "Probe", "BlockStorage", "HostBlocks", "NumpyHostBlocks",
     "StorageChecks", "Attention", "AttentionBase", "AttentionParams", "AttentionPlan", "BatchIndex",
     "check_batch", "check_query",
+    # prefix-cache events
+    "BlockStored", "BlockRemoved", "AllCleared",
     # plugins
     "BackendRegistry", "available_backends", "default_registry", "get_backend", "register_backend",
     *_errors_all,

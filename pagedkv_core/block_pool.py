@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from .errors import InvalidBlock, OutOfBlocks
+from .events import AllCleared, BlockRemoved, BlockStored, CacheEvent
 
 __all__ = ["BlockPool"]
 
@@ -42,6 +43,7 @@ class BlockPool:
         self.num_free = num_blocks
         self.evicted_cached = 0  # cached blocks whose contents were reused for new data
         self.block_ops = 0  # blocks allocated, referenced again, or released: the pool's work
+        self.on_event: Callable[[CacheEvent], None] | None = None  # told of every change to the hash index
 
     # -- the free queue --------------------------------------------------------
 
@@ -147,7 +149,7 @@ class BlockPool:
     def lookup(self, block_hash: Hashable) -> int | None:
         return self.cached.get(block_hash)
 
-    def register(self, block: int, block_hash: Hashable) -> bool:
+    def register(self, block: int, block_hash: Hashable, parent_hash: Hashable | None = None) -> bool:
         """Make ``block`` findable by ``block_hash``; False if the hash is already known or the cache is full."""
         if block_hash in self.cached or self.block_hash[block] is not None:
             return False
@@ -157,6 +159,8 @@ class BlockPool:
                 return False
         self.cached[block_hash] = block
         self.block_hash[block] = block_hash
+        if self.on_event is not None:
+            self.on_event(BlockStored(block_hash, parent_hash, self.block_size))
         return True
 
     def unregister(self, block: int) -> None:
@@ -164,9 +168,23 @@ class BlockPool:
             self._forget_hash(block)
 
     def _forget_hash(self, block: int) -> None:
-        del self.cached[self.block_hash[block]]
+        block_hash = self.block_hash[block]
+        del self.cached[block_hash]
         self.block_hash[block] = None
         self.free_cached.pop(block, None)
+        if self.on_event is not None:
+            self.on_event(BlockRemoved(block_hash))
+
+    def clear_cache(self) -> int:
+        """Forget every hash, in use or free (the blocks stay with their owners); one ``AllCleared`` event."""
+        count = len(self.cached)
+        for block in self.cached.values():
+            self.block_hash[block] = None
+        self.cached.clear()
+        self.free_cached.clear()
+        if self.on_event is not None:
+            self.on_event(AllCleared())
+        return count
 
     def trim_cached(self, limit: int) -> int:
         """Forget free cached blocks, least recently freed first, until at most ``limit`` hashes remain."""

@@ -9,7 +9,7 @@ from .backend import BackendSpec
 hookspec = pluggy.HookspecMarker("pagedkv")
 hookimpl = pluggy.HookimplMarker("pagedkv")
 
-__all__ = ["hookspec", "hookimpl", "pagedkv_backends"]
+__all__ = ["hookspec", "hookimpl", "pagedkv_backends", "pagedkv_cache_event"]
 
 
 @hookspec
@@ -19,4 +19,13 @@ def pagedkv_backends() -> list[BackendSpec]:
     Must not import heavy array libraries: a :class:`BackendSpec`'s ``load``
     does that when the backend is first used. Each plugin's result is one
     list; the registry flattens them.
+    """
+
+
+@hookspec
+def pagedkv_cache_event(event, manager) -> None:
+    """A prefix-cache change of ``manager``: ``BlockStored``, ``BlockRemoved`` or ``AllCleared``.
+
+    Called in order, synchronously, for managers created with
+    ``event_hook=registry.plugin_manager.hook``; see :mod:`pagedkv_core.events`.
     """

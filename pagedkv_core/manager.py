@@ -35,6 +35,7 @@ from .errors import (
     SequenceNotResident,
     UnknownSequence,
 )
+from .events import CacheEvent, CacheEventCallback
 from .hashing import BlockHasher
 from .interfaces import AdvancedKvCacheManager
 from .manager_eviction import EvictionMixin
@@ -62,11 +63,14 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
     """Paged KV-cache bookkeeping over one backend storage (one device).
 
     ``eviction_policy`` chooses victims for :meth:`evict`; ``clock`` is
-    injectable so TTL and LRU behaviour can be tested exactly.
+    injectable so TTL and LRU behaviour can be tested exactly; ``event_hook``
+    (a pluggy hook relay such as ``default_registry().plugin_manager.hook``)
+    receives every prefix-cache event through ``pagedkv_cache_event``, as
+    :meth:`subscribe` callbacks do.
     """
 
     def __init__(self, storage: BlockStorage, *, eviction_policy: EvictionPolicy | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, event_hook=None) -> None:
         self.storage = storage
         self.config = config = storage.config
         self.device = storage.device
@@ -88,6 +92,11 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         self._forks = itertools.count(1)
         self.counters: Counter[str] = Counter()
         self._compressions: list[tuple[int, int, float]] = []  # (device bytes, host bytes, seconds)
+        self._subscribers: list[CacheEventCallback] = []
+        # the ``pagedkv_cache_event`` hook of a plugin manager (e.g. default_registry().plugin_manager.hook)
+        self._plugin_hook = None if event_hook is None else event_hook.pagedkv_cache_event
+        if self._plugin_hook is not None:
+            self.pool.on_event = self._emit
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -200,7 +209,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
                 self.pool.incref(block)
         blocks = hits + self.pool.allocate(new_blocks)
         for i in range(len(hits), len(hashes)):
-            self.pool.register(blocks[i], hashes[i])
+            self.pool.register(blocks[i], hashes[i], hashes[i - 1] if i else None)
         row = self.tables.acquire()
         self.tables.set_row(row, blocks, request.initial_tokens)
         bs = self.config.block_size
@@ -307,20 +316,24 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         with self._mutating():
             self._set_prefix_config(config)
             if self.prefix_config is None:
-                self.pool.trim_cached(0)
+                self.pool.clear_cache()
             elif config.max_prefixes is not None:
                 self.pool.trim_cached(config.max_prefixes)
 
     # -- reclaiming and compaction -------------------------------------------------------
 
     def gc(self, *, all_prefixes: bool = False) -> CacheGcStats:
-        """Forget expired (TTL) or excess cached free blocks; ``all_prefixes`` empties the prefix cache."""
+        """Forget expired (TTL) or excess cached free blocks; ``all_prefixes`` empties the prefix cache.
+
+        Emptying forgets the hashes of blocks in use too (their owners keep
+        the blocks; they are just no longer findable).
+        """
         start = time.perf_counter()
         with self._mutating():
             forgotten = 0
             prefix = self.prefix_config
             if all_prefixes or prefix is None:
-                forgotten += self.pool.trim_cached(0)
+                forgotten += self.pool.clear_cache()
             else:
                 if prefix.ttl_seconds is not None:
                     forgotten += self.pool.expire_cached(prefix.ttl_seconds)
@@ -374,6 +387,31 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
     def set_pressure_callback(self, callback: PressureCallback) -> None:
         """Call ``callback(new_level, old_level)`` on every pressure change (adds to earlier callbacks)."""
         self.pressure.callbacks.append(callback)
+
+    def subscribe(self, callback: CacheEventCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every prefix-cache change, in order; returns an unsubscribe function.
+
+        Events (:mod:`pagedkv_core.events`) are delivered synchronously under
+        the manager's lock, so a subscriber must be quick and must not call
+        back into the manager; hand them to a queue if there is real work.
+        """
+        with self._lock:
+            self._subscribers.append(callback)
+            self.pool.on_event = self._emit
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers.remove(callback)
+                if not self._subscribers and self._plugin_hook is None:
+                    self.pool.on_event = None
+
+        return unsubscribe
+
+    def _emit(self, event: CacheEvent) -> None:
+        for callback in self._subscribers:
+            callback(event)
+        if self._plugin_hook is not None:
+            self._plugin_hook(event=event, manager=self)
 
     @property
     def pressure_level(self) -> MemoryPressure:

@@ -167,7 +167,7 @@ class GrowthMixin:
             parent = hashes[-1] if hashes else seq.root
             block_hash = self.hasher.next(parent, tokens[i * bs:(i + 1) * bs])
             hashes.append(block_hash)
-            self.pool.register(seq.blocks[i], block_hash)
+            self.pool.register(seq.blocks[i], block_hash, parent if i else None)
 
     def trim(self, request_id: str, num_tokens: int) -> None:
         """Roll back the last ``num_tokens`` tokens (rejected speculative tokens)."""

@@ -59,8 +59,8 @@ class HostTierMixin:
             seq.blocks = blocks
             if seq.host_lossy:  # dequantized values differ from what the hashes describe
                 seq.root, seq.token_ids, seq.hashes = None, None, []
-            for block, block_hash in zip(blocks, seq.hashes):
-                self.pool.register(block, block_hash)
+            for i, (block, block_hash) in enumerate(zip(blocks, seq.hashes)):
+                self.pool.register(block, block_hash, seq.hashes[i - 1] if i else None)
             self.tables.set_row(seq.row, blocks, seq.num_tokens)
             self.host_used -= seq.host_blocks
             seq.state, seq.host, seq.host_blocks, seq.host_lossy = RUNNING, None, 0, False
@@ -97,8 +97,8 @@ class HostTierMixin:
             except BaseException:
                 self.pool.free(reversed(blocks))
                 raise
-            for block, block_hash in zip(blocks, record.hashes):
-                self.pool.register(block, block_hash)
+            for i, (block, block_hash) in enumerate(zip(blocks, record.hashes)):
+                self.pool.register(block, block_hash, record.hashes[i - 1] if i else None)
             row = self.tables.acquire()
             self.tables.set_row(row, blocks, record.num_tokens)
             self._seqs[record.request_id] = Sequence(

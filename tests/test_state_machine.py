@@ -27,6 +27,7 @@ from pagedkv_core import (
     SeqState,
     StreamingLLMPolicy,
 )
+from pagedkv_core.events import replay
 from pagedkv_numpy.storage import NumpyStorage
 
 CONFIG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=24, block_size=4, num_host_blocks=12,
@@ -45,6 +46,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.m = PagedKvCacheManager(NumpyStorage(CONFIG), eviction_policy=None)
+        self.events: list = []
+        self.m.subscribe(self.events.append)
         self.history: dict[str, list[int]] = {}  # every token id ever appended
         self.expected: dict[str, list[np.ndarray]] = {}  # K/V per cached position
         self.next_id = 0
@@ -180,6 +183,10 @@ class ManagerMachine(RuleBasedStateMachine):
     @invariant()
     def invariants_hold(self):
         self.m.check_invariants()
+
+    @invariant()
+    def events_replay_to_the_cached_hashes(self):
+        assert replay(self.events) == set(self.m.pool.cached)
 
     @invariant()
     def data_matches_the_shadow(self):
