@@ -26,6 +26,8 @@ __all__ = [
     "ShapeMismatch",
     "DTypeMismatch",
     "DeviceMismatch",
+    "CorruptCacheFile",
+    "IncompatibleCache",
 ]
 
 
@@ -151,3 +153,11 @@ class DTypeMismatch(InvalidArgument, TypeError):
 
 class DeviceMismatch(InvalidArgument):
     """An array lives on another device than the storage it is used with."""
+
+
+class CorruptCacheFile(PagedKvError):
+    """A saved cache is truncated, damaged or of an unknown format version; nothing was loaded."""
+
+
+class IncompatibleCache(PagedKvError):
+    """A saved cache does not fit this manager (shape, dtype, block size or hash scheme differ)."""

@@ -13,6 +13,7 @@ cache as soon as their token ids are known.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import maintenance
+from . import maintenance, persistence
 from .block_pool import BlockPool
 from .block_table import TableArrays
 from .config import AllocationRequest, PrefixCacheConfig
@@ -374,6 +375,43 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
                 raise InvalidArgument("a sequence has more new tokens than cached tokens")
             return build_batch_metadata(tuple(request_ids), self.tables.tables, self.tables.lens, rows,
                                         None if query_lens is None else qlens, self.config.block_size)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path, sequences: Seq[str] | None = None) -> int:
+        """Write running sequences (all if None) to a portable safetensors file; return blocks saved.
+
+        Saving a subset makes a prompt cache that :meth:`load_prompt_cache`
+        adds to another manager's prefix cache.
+        """
+        return persistence.save_cache(self, path, sequences)
+
+    @classmethod
+    def load(cls, path, backend="numpy", device: str = "cpu", **kwargs) -> PagedKvCacheManager:
+        """A new manager on ``backend`` (a name or a backend object) holding the saved sequences.
+
+        The file is validated completely first (``CorruptCacheFile``); K/V come
+        back bit-exact wherever the backend keeps the saved dtype.
+        """
+        from .plugins import get_backend
+
+        saved = persistence.read_cache(path)
+        scheme = saved.hash_scheme
+        config = dataclasses.replace(saved.config, prefix_cache=None if scheme is None else PrefixCacheConfig(
+            hash_algorithm=scheme["algorithm"], hash_seed=int(scheme["seed"])))
+        impl = get_backend(backend) if isinstance(backend, str) else backend
+        manager = cls(impl.create_storage(config, device), **kwargs)
+        persistence.restore(manager, saved)
+        return manager
+
+    def load_prompt_cache(self, path) -> int:
+        """Add a saved cache's full blocks to this manager's prefix cache; return how many joined.
+
+        Validates the file and its fit (shapes, dtype, block size, hash scheme)
+        before changing anything; the blocks sit in the free queue, findable,
+        until their space is needed.
+        """
+        return persistence.load_prompt_cache(self, path)
 
     # -- views ------------------------------------------------------------------------------
 
