@@ -73,3 +73,27 @@ def test_move_to_a_full_device_changes_nothing(multi):
         multi.move_cache("a", "dev1")
     assert multi.get_cache_device("a") == "dev0"
     multi.managers["dev0"].check_invariants()
+
+
+def test_move_between_backends_on_one_host_is_bit_exact():
+    from pagedkv_core.plugins import default_registry
+
+    status = default_registry().available_backends().get("torch")
+    if status is None or not status.available:
+        pytest.skip("the torch backend is not available here")
+    torch_backend = default_registry().get("torch")
+    managers = {"numpy": PagedKvCacheManager(NumpyStorage(make_config())),
+                "torch": PagedKvCacheManager(torch_backend.create_storage(make_config(), "cpu"))}
+    multi = MultiDeviceManager(managers)
+    multi.allocate(request("a", tokens=range(10)))
+    fill(managers["numpy"], ["a"], [10])
+    before = kv_of(managers["numpy"], "a")
+    multi.move_cache("a", "torch")
+    table = managers["torch"].get_handle("a").block_table
+    for layer in range(2):
+        k, v = managers["torch"].storage.gather(layer, np.asarray(table.block_ids), table.num_tokens)
+        np.testing.assert_array_equal(torch_backend.to_numpy(k), before[2 * layer])
+        np.testing.assert_array_equal(torch_backend.to_numpy(v), before[2 * layer + 1])
+    multi.move_cache("a", "numpy")
+    for got, want in zip(kv_of(managers["numpy"], "a"), before):
+        np.testing.assert_array_equal(got, want)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedkv_core.storage import NumpyHostBlocks
@@ -60,9 +61,20 @@ class TorchHostBlocks:
             self._event = None
 
     def to_numpy(self) -> NumpyHostBlocks:
+        """The same blocks as NumPy: zero-copy views (DLPack) where NumPy has the dtype, else widened copies.
+
+        Host blocks are private to their owner, so views are safe here (unlike
+        pool snapshots, which must be copies).
+        """
         self.wait()
-        scales = (None, None) if self.k_scale is None else (to_numpy(self.k_scale), to_numpy(self.v_scale))
-        return NumpyHostBlocks(to_numpy(self.k), to_numpy(self.v), self.dtype, *scales)
+        scales = (None, None) if self.k_scale is None else (_host_view(self.k_scale), _host_view(self.v_scale))
+        return NumpyHostBlocks(_host_view(self.k), _host_view(self.v), self.dtype, *scales)
+
+
+def _host_view(tensor: torch.Tensor):
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float64, torch.float32, torch.float16, torch.int8):
+        return np.from_dlpack(tensor.detach())
+    return to_numpy(tensor)
 
 
 def _side_stream(device: torch.device):
