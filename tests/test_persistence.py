@@ -111,6 +111,14 @@ def test_round_trip_on_every_backend(tmp_path, backend, dtype):
     loaded = PagedKvCacheManager.load(tmp_path / "c.safetensors", backend=backend)
     assert_same(contents(m, backend), contents(loaded, backend))
     loaded.check_invariants()
+    impl = default_registry().get(backend)
+    q = impl.asarray(np.random.default_rng(2).standard_normal((3, 4, 8)).astype(np.float32), "cpu",
+                     "float32" if m.config.quantized else dtype)
+    outs = []
+    for manager in (m, loaded):
+        meta = manager.batch_metadata(["a", "a-beam", "b"])
+        outs.append(impl.to_numpy(impl.attention.decode(q, manager.storage, 1, meta.block_tables, meta.seq_lens)))
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
