@@ -1,0 +1,107 @@
+"""Index planning for the Hugging Face adapter: one step's slots, in transformers' padded coordinates.
+
+transformers sees a batch as ``[batch, padded_length]``: row ``i`` starts
+with ``lead[i]`` padding positions, then its tokens. The manager stores only
+the tokens, so padded position ``p`` of row ``i`` is token ``p - lead[i]`` of
+that row's sequence, at slot ``table[i, t // block_size] * block_size + t %
+block_size``. A step covers positions ``[start, end)`` of every row; this
+module turns the block tables into the few index tensors the step needs, once
+per step (every layer reuses them), with NumPy in O(batch x length) vector
+work and no per-token Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedkv_core.errors import CorruptBlockTable, ShapeMismatch
+
+from .convert import index_tensor
+
+__all__ = ["StepPlan", "host_2d", "plan_step"]
+
+
+class StepPlan:
+    """The index tensors of one step ``[start, end)`` over a batch.
+
+    * ``write_slots``: int64 host array, where the step's written tokens go (``storage.write``).
+    * ``write_rows``: which of the step's ``batch x (end - start)`` tokens (row-major) are
+      written, as an int64 tensor on the device, or None when all are.
+    * ``gather_slots``: int64 ``[batch, end]`` tensor on the device, the slot of every padded
+      position (padding points at slot 0 and is masked out with ``pad_mask``).
+    * ``pad_mask``: bool ``[batch, end]`` tensor, True on padding; None when there is none.
+    * ``shared``: ``(row, lo, hi)`` padded ranges inside the step that are not written because
+      the row shares those blocks (prefix-cache hits, forks); they are read back instead.
+    * ``block_tables``, ``seq_lens``: the host arrays the plan was built from.
+    """
+
+    __slots__ = ("start", "end", "write_slots", "write_rows", "gather_slots", "pad_mask", "shared",
+                 "block_tables", "seq_lens")
+
+    def __init__(self, start: int, end: int, write_slots: np.ndarray, write_rows: torch.Tensor | None,
+                 gather_slots: torch.Tensor, pad_mask: torch.Tensor | None, shared: list[tuple[int, int, int]],
+                 block_tables: np.ndarray, seq_lens: np.ndarray) -> None:
+        self.start = start
+        self.end = end
+        self.write_slots = write_slots
+        self.write_rows = write_rows
+        self.gather_slots = gather_slots
+        self.pad_mask = pad_mask
+        self.shared = shared
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+
+def plan_step(block_tables: np.ndarray, seq_lens: np.ndarray, lead: np.ndarray, skip: np.ndarray,
+              start: int, end: int, block_size: int, device: torch.device) -> StepPlan:
+    """Plan the step that brings positions ``[start, end)`` of every row.
+
+    ``block_tables [batch, max_blocks]`` and ``seq_lens [batch]`` come from
+    ``manager.batch_metadata``; ``lead[i]`` is row ``i``'s padding,
+    ``skip[i]`` how many of its first tokens are shared and must not be
+    written. Raises :class:`CorruptBlockTable` if a table does not cover
+    the row's tokens (the rows were changed behind the adapter's back).
+    """
+    lead = np.asarray(lead, np.int64)
+    token = np.arange(end, dtype=np.int64)[None, :] - lead[:, None]  # [batch, end]; < 0 on padding
+    real = token >= 0
+    needed = np.maximum(end - lead, 0)
+    if (np.asarray(seq_lens) < needed).any():
+        raise CorruptBlockTable(f"sequences hold {np.asarray(seq_lens).tolist()} tokens, the step needs {needed.tolist()}")
+    clipped = np.maximum(token, 0)
+    if block_tables.shape[1]:
+        column = np.minimum(clipped // block_size, block_tables.shape[1] - 1)
+        blocks = np.take_along_axis(block_tables, column, axis=1).astype(np.int64)
+    else:
+        blocks = np.full(token.shape, -1, np.int64)
+    slots = blocks * block_size + clipped % block_size
+    if (blocks[real] < 0).any():
+        raise CorruptBlockTable("a block table has no block under a stored token")
+    step_tokens = token[:, start:end]
+    written = step_tokens >= np.asarray(skip, np.int64)[:, None]
+    write = np.where(written, slots[:, start:end], -1).reshape(-1)
+    keep = np.flatnonzero(write >= 0)
+    write_rows = None if keep.size == write.size else index_tensor(keep, device)
+    shared: list[tuple[int, int, int]] = []
+    for row in np.flatnonzero((~written & (step_tokens >= 0)).any(axis=1)):
+        lo = max(start, int(lead[row]))
+        hi = min(end, int(lead[row] + skip[row]))
+        shared.append((int(row), lo, hi))
+    pad_mask = None if real.all() else torch.from_numpy(~real).to(device)
+    return StepPlan(start, end, write[keep], write_rows, index_tensor(np.where(real, slots, 0), device),
+                    pad_mask, shared, block_tables, seq_lens)
+
+
+def host_2d(x: Any, name: str) -> np.ndarray:
+    """A host int64 copy of a ``[batch, length]`` integer tensor or array (token ids, masks)."""
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if array.ndim != 2 or array.dtype.kind not in "iub":
+        raise ShapeMismatch(f"{name} must be an integer [batch, length] array, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
