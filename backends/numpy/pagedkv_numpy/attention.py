@@ -32,6 +32,7 @@ from functools import partial
 import numpy as np
 
 from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
+from pagedkv_core.decode_tiles import DecodeTile, plan_decode_tiles
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, ShapeMismatch
 
 from .storage import NumpyStorage
@@ -221,17 +222,6 @@ def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bo
 
 
 @dataclass(frozen=True, slots=True)
-class _DecodeTile:
-    """Block ids ``ids [r1 - r0, c1 - c0]`` of rows ``r0:r1`` and visible-block columns ``c0:c1``."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    ids: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
 class _DecodeGroup:
     """Sequences decoded together; ``rows`` are their query rows, longest first.
 
@@ -243,7 +233,7 @@ class _DecodeGroup:
     rows: np.ndarray
     width: int
     hidden: np.ndarray | None
-    tiles: tuple[_DecodeTile, ...]
+    tiles: tuple[DecodeTile, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,47 +272,16 @@ class NumpyPlan:
 
     def _plan_decode(self, seqs: np.ndarray) -> list[_DecodeGroup]:
         """One query per sequence, at position ``seq_len - 1``: group rows, tile their visible blocks."""
-        c, w = self.storage.config, self.params.sliding_window
-        bs = c.block_size
-        t = self.index.seq_lens[seqs] - 1
-        first = np.zeros_like(t) if w is None else np.maximum(t - w + 1, 0) // bs
-        nvis = t // bs + 1 - first
-        order = np.argsort(-nvis, kind="stable")
-        seqs, t, first, nvis = seqs[order], t[order], first[order], nvis[order]
+        c = self.storage.config
         block_bytes = c.block_size * c.num_kv_heads * c.head_dim * self.cdtype.itemsize
-        groups, r = [], 0
-        while r < seqs.size:
-            width = int(nvis[r])
-            end = r + max(1, min(seqs.size - r, GROUP_SLOTS // (width * bs)))
-            groups.append(self._decode_group(seqs[r:end], t[r:end], first[r:end], nvis[r:end], block_bytes))
-            r = end
+        groups = [
+            _DecodeGroup(self.index.query_start_loc[g.rows], g.width, g.hidden if g.hidden.any() else None, g.tiles)
+            for g in plan_decode_tiles(self.index, seqs, c.block_size, self.params.sliding_window, block_bytes,
+                                       TILE_BYTES, GROUP_SLOTS)
+        ]
         self._gather = _Gather(self.storage, self.cdtype,
                                max((tile.ids.size for g in groups for tile in g.tiles), default=1))
         return groups
-
-    def _decode_group(self, seqs: np.ndarray, t: np.ndarray, first: np.ndarray, nvis: np.ndarray,
-                      block_bytes: int) -> _DecodeGroup:
-        bs, w = self.storage.config.block_size, self.params.sliding_window
-        rows, width = seqs.size, int(nvis[0])
-        tables = self.index.block_tables[seqs]
-        cols = first[:, None] + np.arange(width)[None, :]
-        used = np.arange(width)[None, :] < nvis[:, None]
-        ids = np.where(used, np.take_along_axis(tables, np.minimum(cols, tables.shape[1] - 1), axis=1), 0)
-        pos = first[:, None] * bs + np.arange(width * bs)[None, :]
-        hidden = pos > t[:, None]
-        if w is not None:
-            hidden |= pos <= t[:, None] - w
-        tile_rows = max(1, min(rows, TILE_BYTES // block_bytes))
-        tile_cols = max(1, TILE_BYTES // (tile_rows * block_bytes))
-        tiles = []
-        for c0 in range(0, width, tile_cols):
-            c1 = min(width, c0 + tile_cols)
-            active = int(np.count_nonzero(nvis > c0))
-            for r0 in range(0, active, tile_rows):
-                r1 = min(active, r0 + tile_rows)
-                tiles.append(_DecodeTile(r0, r1, c0, c1, np.ascontiguousarray(ids[r0:r1, c0:c1])))
-        return _DecodeGroup(self.index.query_start_loc[seqs], width, hidden if hidden.any() else None,
-                            tuple(tiles))
 
     def _plan_prefill(self) -> list[_PrefillSeq]:
         """Per sequence with queries: its key tiles (from the window's start) and their block ids."""

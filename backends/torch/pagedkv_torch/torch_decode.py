@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.decode_tiles import plan_decode_tiles
 
 from .convert import take
 from .plan_base import TorchPlanBase
@@ -74,44 +75,16 @@ class TorchDecodePlan(TorchPlanBase):
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams,
                  tile_bytes: int = DEFAULT_TILE_BYTES) -> None:
         super().__init__(storage, index, params)
-        bs, w = self.block_size, params.sliding_window
-        t = index.seq_lens - 1  # each query's position
-        first = np.zeros_like(t) if w is None else np.maximum(t - w + 1, 0) // bs
-        nvis = t // bs + 1 - first
-        order = np.argsort(-nvis, kind="stable")
-        t, first, nvis = t[order], first[order], nvis[order]
-        self.block_bytes = bs * self.num_kv_heads * self.head_dim * 4
-        self.tile_rows = max(1, min(max(1, index.batch), tile_bytes // self.block_bytes))
-        self.tile_cols = max(1, tile_bytes // (self.tile_rows * self.block_bytes))
-        self.groups: list[_Group] = []
-        r = 0
-        while r < index.batch:
-            width = int(nvis[r])
-            end = r + max(1, min(index.batch - r, GROUP_SLOTS // (width * bs)))
-            self.groups.append(self._group(order[r:end], t[r:end], first[r:end], nvis[r:end]))
-            r = end
+        self.block_bytes = self.block_size * self.num_kv_heads * self.head_dim * 4
+        dev = self.device
+        self.groups: list[_Group] = [
+            _Group(torch.from_numpy(g.rows).to(dev), g.width, torch.from_numpy(g.hidden).to(dev), tuple(
+                _Tile(t.r0, t.r1, t.c0, t.c1, torch.from_numpy(t.ids.reshape(-1)).to(dev)) for t in g.tiles))
+            for g in plan_decode_tiles(index, np.arange(index.batch), self.block_size, params.sliding_window,
+                                       self.block_bytes, tile_bytes, GROUP_SLOTS)
+        ]
+        self.buffer_blocks = max((t.ids.numel() for g in self.groups for t in g.tiles), default=1)
         self.on_cpu = self.device.type == "cpu"
-
-    def _group(self, rows: np.ndarray, t: np.ndarray, first: np.ndarray, nvis: np.ndarray) -> _Group:
-        bs, w, dev = self.block_size, self.params.sliding_window, self.device
-        tables = self.index.block_tables[rows]
-        width = int(nvis[0])
-        cols = first[:, None] + np.arange(width)[None, :]
-        used = np.arange(width)[None, :] < nvis[:, None]
-        ids = np.where(used, np.take_along_axis(tables, np.minimum(cols, tables.shape[1] - 1), axis=1), 0)
-        pos = first[:, None] * bs + np.arange(width * bs)[None, :]
-        hidden = pos > t[:, None]
-        if w is not None:
-            hidden |= pos <= t[:, None] - w
-        tiles = []
-        for c0 in range(0, width, self.tile_cols):
-            c1 = min(width, c0 + self.tile_cols)
-            active = int(np.count_nonzero(nvis > c0))  # sorted: the rows that reach column c0 come first
-            for r0 in range(0, active, self.tile_rows):
-                r1 = min(active, r0 + self.tile_rows)
-                tile_ids = torch.from_numpy(np.ascontiguousarray(ids[r0:r1, c0:c1]).reshape(-1)).to(dev)
-                tiles.append(_Tile(r0, r1, c0, c1, tile_ids))
-        return _Group(torch.from_numpy(rows).to(dev), width, torch.from_numpy(hidden).to(dev), tuple(tiles))
 
     @torch.no_grad()
     def run(self, q, layer: int) -> torch.Tensor:
@@ -154,7 +127,7 @@ class TorchDecodePlan(TorchPlanBase):
         return wide.view(tile.r1 - tile.r0, -1, self.num_kv_heads, self.head_dim)
 
     def _buffer(self, name: str, dtype: torch.dtype, blocks: int) -> torch.Tensor:
-        shape = (self.tile_rows * self.tile_cols, self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (self.buffer_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         key = f"_{name}"
         buf = getattr(self, key, None)
         if buf is None or buf.dtype != dtype:
