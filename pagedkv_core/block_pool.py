@@ -163,6 +163,11 @@ class BlockPool:
             self.on_event(BlockStored(block_hash, parent_hash, self.block_size))
         return True
 
+    def register_chain(self, blocks, hashes, start: int = 0) -> None:
+        """Register ``blocks[i]`` under ``hashes[i]`` for ``i >= start``, each naming its predecessor as parent."""
+        for i in range(start, min(len(blocks), len(hashes))):
+            self.register(blocks[i], hashes[i], hashes[i - 1] if i else None)
+
     def unregister(self, block: int) -> None:
         if self.block_hash[block] is not None:
             self._forget_hash(block)

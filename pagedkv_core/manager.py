@@ -209,8 +209,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
             for block in hits:
                 self.pool.incref(block)
         blocks = hits + self.pool.allocate(new_blocks)
-        for i in range(len(hits), len(hashes)):
-            self.pool.register(blocks[i], hashes[i], hashes[i - 1] if i else None)
+        self.pool.register_chain(blocks, hashes, start=len(hits))
         row = self.tables.acquire()
         self.tables.set_row(row, blocks, request.initial_tokens)
         bs = self.config.block_size

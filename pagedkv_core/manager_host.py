@@ -49,22 +49,32 @@ class HostTierMixin:
                 raise SequenceNotResident(request_id, seq.state.value)
             if seq.host_blocks > self.pool.num_free:
                 raise OutOfBlocks(seq.host_blocks, self.pool.num_free)
-            blocks = self.pool.allocate(seq.host_blocks)
-            try:
-                seq.host.wait()
-                self.storage.swap_in(seq.host, blocks)
-            except BaseException:
-                self.pool.free(reversed(blocks))
-                raise
+            blocks = self._blocks_from_host(seq.host)
             seq.blocks = blocks
             if seq.host_lossy:  # dequantized values differ from what the hashes describe
                 seq.root, seq.token_ids, seq.hashes = None, None, []
-            for i, (block, block_hash) in enumerate(zip(blocks, seq.hashes)):
-                self.pool.register(block, block_hash, seq.hashes[i - 1] if i else None)
+            self.pool.register_chain(blocks, seq.hashes)
             self.tables.set_row(seq.row, blocks, seq.num_tokens)
             self.host_used -= seq.host_blocks
             seq.state, seq.host, seq.host_blocks, seq.host_lossy = RUNNING, None, 0, False
             self.counters["swap_in_count"] += 1
+
+    def _blocks_from_host(self, host) -> list[int]:
+        """Fresh device blocks filled from ``host`` (the caller checked there is room); none taken on failure.
+
+        Host blocks of another backend travel in their portable NumPy form.
+        """
+        if type(host).__module__.split(".")[0] != type(self.storage).__module__.split(".")[0]:
+            host = host.to_numpy()
+        blocks = self.pool.allocate(host.num_blocks)
+        try:
+            host.wait()
+            if blocks:
+                self.storage.swap_in(host, blocks)
+        except BaseException:
+            self.pool.free(reversed(blocks))
+            raise
+        return blocks
 
     def export_sequence(self, request_id: str) -> tuple[Sequence, object]:
         """Copy a running sequence's blocks to host memory and remove it from this manager.
@@ -88,17 +98,8 @@ class HostTierMixin:
                 raise SequenceExists(record.request_id)
             if host.num_blocks > self.pool.num_free:
                 raise OutOfBlocks(host.num_blocks, self.pool.num_free)
-            if type(host).__module__ != type(self.storage).__module__:
-                host = host.to_numpy()
-            blocks = self.pool.allocate(host.num_blocks)
-            try:
-                host.wait()
-                self.storage.swap_in(host, blocks)
-            except BaseException:
-                self.pool.free(reversed(blocks))
-                raise
-            for i, (block, block_hash) in enumerate(zip(blocks, record.hashes)):
-                self.pool.register(block, block_hash, record.hashes[i - 1] if i else None)
+            blocks = self._blocks_from_host(host)
+            self.pool.register_chain(blocks, record.hashes)
             row = self.tables.acquire()
             self.tables.set_row(row, blocks, record.num_tokens)
             self._seqs[record.request_id] = Sequence(

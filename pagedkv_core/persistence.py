@@ -223,9 +223,7 @@ def restore(manager: PagedKvCacheManager, saved: SavedCache) -> None:
         _check_scheme(saved, manager)
         if saved.num_blocks > manager.pool.num_free:
             raise OutOfBlocks(saved.num_blocks, manager.pool.num_free)
-        blocks = manager.pool.allocate(saved.num_blocks)
-        if blocks:
-            manager.storage.swap_in(saved.host, blocks)
+        blocks = manager._blocks_from_host(saved.host)
         owners = Counter(b for s in saved.record["sequences"] for b in s["blocks"])
         for i, count in owners.items():
             for _ in range(count - 1):
@@ -235,8 +233,7 @@ def restore(manager: PagedKvCacheManager, saved: SavedCache) -> None:
             mine = [blocks[i] for i in s["blocks"]]
             hashes = [_decode_hash(h) for h in s["hashes"]]
             if manager.hasher is not None:
-                for i, h in enumerate(hashes):
-                    manager.pool.register(mine[i], h, hashes[i - 1] if i else None)
+                manager.pool.register_chain(mine, hashes)
             row = manager.tables.acquire()
             manager.tables.set_row(row, mine, int(s["num_tokens"]))
             cacheable = manager.hasher is not None and s["token_ids"] is not None and s["root"] is not None
@@ -267,12 +264,11 @@ def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike) -> 
             raise OutOfBlocks(len(wanted), manager.pool.num_free)
         if not wanted:
             return 0
-        blocks = manager.pool.allocate(len(wanted))
         h = saved.host
         subset = NumpyHostBlocks(h.k[:, wanted], h.v[:, wanted], h.dtype,
                                  None if h.k_scale is None else h.k_scale[:, wanted],
                                  None if h.v_scale is None else h.v_scale[:, wanted])
-        manager.storage.swap_in(subset, blocks)
+        blocks = manager._blocks_from_host(subset)
         parents = {}
         for s_rec in saved.record["sequences"]:
             hashes = [_decode_hash(x) for x in s_rec["hashes"]]

@@ -237,3 +237,20 @@ def test_a_thousand_mutations_never_load_wrong_data(saved, tmp_path):
         assert_same(want, contents(loaded))
         identical += 1
     assert clean_errors + identical == 1000 and clean_errors > 900
+
+
+def test_a_failing_copy_into_the_device_takes_no_blocks(tmp_path, monkeypatch):
+    m = build()
+    populate(m)
+    m.save(tmp_path / "p.safetensors", sequences=["a"])
+    other = build()
+
+    def broken(host, block_ids):
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(other.storage, "swap_in", broken)
+    before = other.stats()
+    with pytest.raises(RuntimeError):
+        other.load_prompt_cache(tmp_path / "p.safetensors")
+    assert other.stats() == before
+    other.check_invariants()
