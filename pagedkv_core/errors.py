@@ -28,6 +28,9 @@ __all__ = [
     "DeviceMismatch",
     "CorruptCacheFile",
     "IncompatibleCache",
+    "RanksDiverged",
+    "CorruptRemoteBlock",
+    "RemoteTierError",
 ]
 
 
@@ -161,3 +164,19 @@ class CorruptCacheFile(PagedKvError):
 
 class IncompatibleCache(PagedKvError):
     """A saved cache does not fit this manager (shape, dtype, block size or hash scheme differ)."""
+
+
+class RanksDiverged(PagedKvError):
+    """Tensor-parallel ranks hold different cache bookkeeping; their block tables would address different data."""
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
+        super().__init__(f"manager state differs across ranks: {', '.join(d[:12] for d in digests)}")
+
+
+class CorruptRemoteBlock(PagedKvError):
+    """A value read from the remote tier is not a valid block for this layout; it is treated as a miss."""
+
+
+class RemoteTierError(PagedKvError):
+    """The remote tier's server could not be reached or answered with an error; callers count it as a miss."""

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from .stats import (
     FragmentationStats,
 )
 from .storage import BlockStorage
+
+if TYPE_CHECKING:
+    from .remote import RemoteConnector, RemoteTier
 
 __all__ = ["PagedKvCacheManager"]
 
@@ -94,6 +98,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         self.counters: Counter[str] = Counter()
         self._compressions: list[tuple[int, int, float]] = []  # (device bytes, host bytes, seconds)
         self._subscribers: list[CacheEventCallback] = []
+        self.remote: RemoteConnector | None = None  # a shared tier behind the local prefix cache
         # the ``pagedkv_cache_event`` hook of a plugin manager (e.g. default_registry().plugin_manager.hook)
         self._plugin_hook = None if event_hook is None else event_hook.pagedkv_cache_event
         if self._plugin_hook is not None:
@@ -209,15 +214,21 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
             for block in hits:
                 self.pool.incref(block)
         blocks = hits + self.pool.allocate(new_blocks)
+        bs = self.config.block_size
+        loaded = 0
+        if self.remote is not None and root is not None:
+            wanted = hashes[len(hits):(request.initial_tokens - 1) // bs]  # the last token is always computed
+            if wanted and bs * (len(hits) + len(wanted)) >= self.prefix_config.min_prefix_length:
+                loaded = self.remote.load(root, wanted, blocks[len(hits):len(hits) + len(wanted)])
+            self.remote.note(root, hashes[len(hits) + loaded:])
         self.pool.register_chain(blocks, hashes, start=len(hits))
         row = self.tables.acquire()
         self.tables.set_row(row, blocks, request.initial_tokens)
-        bs = self.config.block_size
         seq = Sequence(
             request.request_id, row, blocks, request.initial_tokens, request.priority,
             next(self._arrivals), self.clock(), root,
             token_ids=list(request.token_ids) if root is not None else None,
-            hashes=hashes, cached_tokens=len(hits) * bs,
+            hashes=hashes, cached_tokens=(len(hits) + loaded) * bs,
         )
         self._seqs[request.request_id] = seq
         self.counters["allocation_count"] += 1
@@ -411,6 +422,23 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         until their space is needed.
         """
         return persistence.load_prompt_cache(self, path)
+
+    # -- remote tier ---------------------------------------------------------------------------
+
+    def attach_remote(self, tier: RemoteTier, **options) -> RemoteConnector:
+        """Put a shared remote tier (e.g. Redis) behind the local prefix cache; see :mod:`pagedkv_core.remote`.
+
+        Admissions then load the blocks the local cache lacks from the tier,
+        and full blocks are written to it in the background after each
+        :meth:`RemoteConnector.commit`. ``options`` go to :class:`RemoteConnector`.
+        """
+        from .remote import RemoteConnector
+
+        with self._lock:
+            if self.remote is not None:
+                raise InvalidArgument("a remote tier is already attached; close its connector first")
+            self.remote = RemoteConnector(self, tier, **options)
+            return self.remote
 
     # -- views ------------------------------------------------------------------------------
 

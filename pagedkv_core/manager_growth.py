@@ -168,6 +168,8 @@ class GrowthMixin:
             block_hash = self.hasher.next(parent, tokens[i * bs:(i + 1) * bs])
             hashes.append(block_hash)
             self.pool.register(seq.blocks[i], block_hash, parent if i else None)
+            if self.remote is not None:
+                self.remote.note(seq.root, (block_hash,))
 
     def trim(self, request_id: str, num_tokens: int) -> None:
         """Roll back the last ``num_tokens`` tokens (rejected speculative tokens)."""
