@@ -140,7 +140,7 @@ def test_redis_store_rejects_bad_construction():
         RedisStore()
     port_with_nothing = RedisStore("redis://127.0.0.1:1/0", connect_timeout=0.2)
     with pytest.raises(RemoteTierError):
-        port_with_nothing.exists_many([b"k"])
+        port_with_nothing.count_leading([b"k"])
 
 
 def test_a_frozen_server_never_blocks_the_step(server):
@@ -164,3 +164,18 @@ def test_a_frozen_server_never_blocks_the_step(server):
         os.kill(server.process.pid, signal.SIGCONT)
     assert m.remote.flush(10)
     assert m.remote.stats().hit_blocks == 0 and m.remote.stats().queued_blocks == 0
+
+
+def test_the_probe_works_where_scripting_is_not_permitted(server):
+    published(server)
+    admin = RedisStore(server.url).client
+    admin.execute_command("ACL", "SETUSER", "noscripts", "on", "nopass", "~*", "+@all", "-@scripting")
+    store = RedisStore(server.url.replace("redis://", "redis://noscripts:any@"))
+    cfg = config("float16")
+    m = manager(cfg, store)
+    keys = chain_keys(m)
+    scripted = RedisStore(server.url)
+    assert scripted.count_leading(keys) == 7 and scripted._scripting  # one Lua round trip
+    assert store.count_leading(keys) == 7 and not store._scripting  # fell back to pipelined EXISTS
+    assert store.count_leading(keys[:3] + [b"missing"] + keys[3:]) == 3
+    assert serve(m, ToyModel(cfg), "a", PROMPT)[0] == 28

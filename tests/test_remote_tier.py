@@ -27,9 +27,9 @@ class FlakyStore(MemoryStore):
         if self.down:
             raise RemoteTierError("ConnectionError: connection refused")
 
-    def exists_many(self, keys):
+    def count_leading(self, keys):
         self._check()
-        return super().exists_many(keys)
+        return super().count_leading(keys)
 
     def get_many(self, keys):
         self._check()

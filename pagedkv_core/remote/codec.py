@@ -75,7 +75,7 @@ def _from_wire(elements: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float8_e4m3fn":
         table = np.concatenate([_E4M3, [np.nan], -_E4M3, [np.nan]]).astype(np.float32)
         return table[elements]
-    return elements.astype(elements.dtype.newbyteorder("="))
+    return elements.astype(elements.dtype.newbyteorder("="), copy=False)
 
 
 def _hash_digest(block_hash: Hashable) -> bytes:
@@ -83,7 +83,11 @@ def _hash_digest(block_hash: Hashable) -> bytes:
 
 
 def encode_blocks(layout: LayoutFingerprint, hashes: Sequence[Hashable], host: NumpyHostBlocks) -> list[bytes]:
-    """One value per block of ``host`` (``[num_layers, n, ...]``), block ``i`` stored under ``hashes[i]``."""
+    """One value per block of ``host`` (``[num_layers, n, ...]``), block ``i`` stored under ``hashes[i]``.
+
+    Each value is built in one buffer: the block's strided slices are copied
+    straight into place, then checksummed there.
+    """
     n = host.num_blocks
     if len(hashes) != n:
         raise InvalidArgument(f"{len(hashes)} hashes for {n} blocks")
@@ -92,22 +96,24 @@ def encode_blocks(layout: LayoutFingerprint, hashes: Sequence[Hashable], host: N
     expected = (layout.num_layers, n, layout.block_size, layout.num_kv_heads, layout.head_dim)
     if tuple(host.k.shape) != expected:
         raise InvalidArgument(f"host blocks have shape {tuple(host.k.shape)}, the layout needs {expected}")
-    parts = [np.ascontiguousarray(_to_wire(a, layout.dtype).swapaxes(0, 1)) for a in (host.k, host.v)]
-    has_scales = host.k_scale is not None
+    shape, wire, payload_size, has_scales = _payload_layout(layout)
+    sources = [_to_wire(host.k, layout.dtype), _to_wire(host.v, layout.dtype)]
     if has_scales:
-        parts += [np.ascontiguousarray(np.asarray(s, "<f4").swapaxes(0, 1)) for s in (host.k_scale, host.v_scale)]
+        sources += [np.asarray(host.k_scale, "<f4"), np.asarray(host.v_scale, "<f4")]
     values = []
     for i, block_hash in enumerate(hashes):
-        payload = [memoryview(p[i]).cast("B") for p in parts]
-        checksum = hashlib.sha256()
-        for chunk in payload:
-            checksum.update(chunk)
-        header = _HEADER.pack(
-            MAGIC, VALUE_VERSION, _HAS_SCALES if has_scales else 0, _DTYPE_CODES[layout.dtype], 0,
-            layout.digest, _hash_digest(block_hash), layout.num_layers, layout.block_size,
-            layout.num_kv_heads, layout.head_dim, sum(c.nbytes for c in payload), checksum.digest()[:16],
+        buffer = bytearray(HEADER_SIZE + payload_size)
+        offset = HEADER_SIZE
+        for source in sources:
+            part = source[:, i]
+            np.frombuffer(buffer, part.dtype, part.size, offset).reshape(part.shape)[...] = part
+            offset += part.nbytes
+        checksum = hashlib.sha256(memoryview(buffer)[HEADER_SIZE:]).digest()[:16]
+        _HEADER.pack_into(
+            buffer, 0, MAGIC, VALUE_VERSION, _HAS_SCALES if has_scales else 0, _DTYPE_CODES[layout.dtype], 0,
+            layout.digest, _hash_digest(block_hash), *shape, payload_size, checksum,
         )
-        values.append(b"".join([header, *payload]))
+        values.append(bytes(buffer))
     return values
 
 
@@ -173,12 +179,12 @@ def decode_run(layout: LayoutFingerprint, hashes: Sequence[Hashable],
             break
     shape, wire, _, has_scales = _payload_layout(layout)
     n = len(decoded)
-    k = np.empty((shape[0], n) + shape[1:], wire)
+    host_dtype = _from_wire(np.zeros(1, wire), layout.dtype).dtype
+    k = np.empty((shape[0], n) + shape[1:], host_dtype)
     v = np.empty_like(k)
     scales = [np.empty((shape[0], n, shape[2]), np.float32) for _ in range(2)] if has_scales else [None, None]
     for i, (bk, bv, ks, vs) in enumerate(decoded):
-        k[:, i], v[:, i] = bk, bv
+        k[:, i], v[:, i] = _from_wire(bk, layout.dtype), _from_wire(bv, layout.dtype)
         if has_scales:
             scales[0][:, i], scales[1][:, i] = ks, vs
-    host = NumpyHostBlocks(_from_wire(k, layout.dtype), _from_wire(v, layout.dtype), layout.dtype, *scales)
-    return host, corrupt
+    return NumpyHostBlocks(k, v, layout.dtype, *scales), corrupt

@@ -3,9 +3,10 @@
 Install with ``pip install "pagedkv[redis]"``. redis-py is imported when a
 store is built, so the core imports without it.
 
-Every operation is one round trip: a non-transactional pipeline of
-``EXISTS`` for a probe, one ``MGET`` for reads, a pipeline of ``SET ... PX``
-for writes. Timeouts are short and redis-py's own retries are off: a slow or
+Every operation is one round trip: a probe is one small Lua script that
+walks the chain's keys with ``EXISTS`` on the server and stops at the first
+missing one (a non-transactional pipeline of ``EXISTS`` where scripting is
+disabled), reads are one ``MGET``, writes a pipeline of ``SET ... PX``. Timeouts are short and redis-py's own retries are off: a slow or
 dead server must turn into a quick miss, not a stalled admission.
 """
 
@@ -17,6 +18,14 @@ from typing import Any
 from ..errors import RemoteTierError
 
 __all__ = ["RedisStore"]
+
+
+_COUNT_LEADING = """
+for i, key in ipairs(KEYS) do
+    if redis.call('EXISTS', key) == 0 then return i - 1 end
+end
+return #KEYS
+"""
 
 
 class RedisStore:
@@ -41,6 +50,9 @@ class RedisStore:
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
         self.delete_batch = delete_batch
+        self._script = self.client.register_script(_COUNT_LEADING)
+        self._scripting = True  # until the server refuses scripts (disabled, or no permission)
+        self._script_errors = (redis.exceptions.ResponseError, redis.exceptions.NoPermissionError)
 
     def _call(self, operation, *args):
         try:
@@ -51,7 +63,21 @@ class RedisStore:
     def ping(self) -> bool:
         return bool(self._call(self.client.ping))
 
+    def count_leading(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        if self._scripting:
+            try:
+                return int(self._script(keys=list(keys)))
+            except self._script_errors:  # scripting disabled or not permitted: pipeline from now on
+                self._scripting = False
+            except self._errors as exc:
+                raise RemoteTierError(f"{type(exc).__name__}: {exc}") from None
+        found = self.exists_many(keys)
+        return next((i for i, present in enumerate(found) if not present), len(found))
+
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """One pipelined ``EXISTS`` per key (the probe where scripting is off)."""
         def run():
             pipe = self.client.pipeline(transaction=False)
             for key in keys:

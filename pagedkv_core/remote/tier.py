@@ -35,7 +35,8 @@ class KeyValueStore(Protocol):
     reached or answers with an error.
     """
 
-    def exists_many(self, keys: Sequence[bytes]) -> list[bool]: ...
+    def count_leading(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, exist before the first missing one."""
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
 
@@ -68,10 +69,10 @@ class MemoryStore:
             return None
         return value
 
-    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+    def count_leading(self, keys: Sequence[bytes]) -> int:
         with self._lock:
             self.round_trips += 1
-            return [self._live(k) is not None for k in keys]
+            return next((i for i, k in enumerate(keys) if self._live(k) is None), len(keys))
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         with self._lock:
@@ -166,8 +167,7 @@ class BlockTier:
     def probe(self, tag: bytes, hashes: Sequence[Hashable]) -> int:
         if not hashes:
             return 0
-        found = self.store.exists_many(self.keys(tag, hashes))
-        return next((i for i, present in enumerate(found) if not present), len(found))
+        return self.store.count_leading(self.keys(tag, hashes))
 
     def fetch(self, tag: bytes, hashes: Sequence[Hashable]) -> FetchResult:
         values = self.store.get_many(self.keys(tag, hashes)) if hashes else []

@@ -221,3 +221,15 @@ def test_divergence_is_reported_on_every_rank(ranks):
 
 def test_min_across_ranks(ranks):
     assert [results["min"] for results in ranks] == [[10, -1], [10, -1]]
+
+
+def test_remote_hits_are_agreed_across_ranks(ranks):
+    """Each rank shares its own head shard; rank 1's store lost a block, so both load two of three."""
+    reference = tp_worker.remote_scenario(HeadShard(0, 1, tp_worker.NUM_Q_HEADS, tp_worker.CONFIG.num_kv_heads))
+    assert reference["remote/cached"] == 12
+    assert [r["remote/unagreed"] for r in ranks] == [12, 8]  # what each rank alone would have loaded
+    assert [r["remote/cached"] for r in ranks] == [8, 8]
+    assert ranks[0]["remote/digest"] == ranks[1]["remote/digest"] == reference["remote/digest"]
+    for layer in range(tp_worker.CONFIG.num_layers):
+        for r in ranks:
+            np.testing.assert_array_equal(r[f"remote/decode/{layer}"], reference[f"remote/decode/{layer}"])

@@ -145,6 +145,64 @@ def run_scenarios(shard: HeadShard, group=None, check=None) -> tuple[dict, Repli
     return results, r
 
 
+REMOTE_PROMPT = tuple(range(500, 513))  # 13 tokens: 3 full blocks the remote tier may serve
+
+
+def _kv_at(position: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-head K and V of one position: a pure function of it, so loaded and computed blocks agree."""
+    rng = np.random.default_rng([position, layer])
+    k, v = rng.standard_normal((2, 1, CONFIG.num_kv_heads, CONFIG.head_dim)).astype(np.float32)
+    return torch.from_numpy(k), torch.from_numpy(v)
+
+
+def _serve_remote(shard: HeadShard, store, group, agree) -> tuple[int, PagedKvCacheManager, TensorParallelAttention]:
+    from pagedkv_core.remote import BlockTier, LayoutFingerprint
+
+    storage = TorchStorage(shard.local_config(CONFIG))
+    m = PagedKvCacheManager(storage, clock=StepClock())
+    layout = LayoutFingerprint.for_manager(m, "tp-model", head_shard=(shard.rank, shard.world_size))
+    m.attach_remote(BlockTier(store, layout), agree=agree)
+    cached = m.allocate(AllocationRequest("r", token_ids=REMOTE_PROMPT)).num_cached_tokens
+    meta = m.batch_metadata(["r"], [len(REMOTE_PROMPT) - cached])
+    for layer in range(CONFIG.num_layers):
+        for slot, position in zip(meta.slot_mapping, range(cached, len(REMOTE_PROMPT))):
+            k, v = _kv_at(position, layer)
+            storage.write(layer, np.array([slot]), shard.local_kv(k), shard.local_kv(v))
+    m.remote.commit()
+    assert m.remote.flush(10)
+    return cached, m, TensorParallelAttention(TorchAttention("torch"), shard, group)
+
+
+def remote_scenario(shard: HeadShard, group=None, agree=None) -> dict:
+    """Each rank shares its own head shard through its own store; rank 1's store then loses one block.
+
+    With ``agree`` (the minimum over ranks) every rank loads the same number
+    of blocks, so the managers stay equal and the gathered output is exact.
+    """
+    from pagedkv_core.remote import MemoryStore
+
+    store = MemoryStore()
+    _, publisher, _ = _serve_remote(shard, store, group, None)
+    tier = publisher.remote.tier
+    lost = tier.keys(tier.tagger.for_salt(None), publisher.hasher.chain(REMOTE_PROMPT, publisher.hasher.root(None)))[2]
+
+    def lose_a_block() -> None:  # each run writes back what it computed: lose the block again before the next
+        if shard.rank == 1:
+            store.delete_matching(lost)
+
+    lose_a_block()
+    unagreed, _, _ = _serve_remote(shard, store, group, None)
+    lose_a_block()
+    cached, m, attention = _serve_remote(shard, store, group, agree)
+    meta = m.batch_metadata(["r"])
+    q = shard.local_q(torch.from_numpy(np.random.default_rng(5).standard_normal(
+        (1, NUM_Q_HEADS, CONFIG.head_dim)).astype(np.float32)))
+    return {"remote/cached": cached, "remote/unagreed": unagreed, "remote/digest": state_digest(m),
+            **{f"remote/decode/{layer}": attention.decode(q, m.storage, layer, meta.block_tables,
+                                                          meta.seq_lens).numpy()
+               for layer in range(CONFIG.num_layers)}}
+
+
 def _use_loopback() -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     if sys.platform.startswith("linux"):  # gloo otherwise picks the interface its hostname resolves to
@@ -164,6 +222,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         shard = HeadShard.from_group(None, NUM_Q_HEADS, CONFIG.num_kv_heads)
         results, replica = run_scenarios(shard, check=assert_ranks_agree)
         results["agreed"] = assert_ranks_agree(replica.manager)
+        results.update(remote_scenario(shard, agree=min_across_ranks()))
         reduce_min = min_across_ranks()
         results["min"] = [reduce_min(10 + 5 * rank), reduce_min(-rank)]
         if rank == 1:  # one extra admission that rank 0 never sees
