@@ -274,6 +274,36 @@ def test_bad_options_and_refused_admissions_change_nothing():
     with pytest.raises(OutOfBlocks):
         m.allocate(AllocationRequest("big", token_ids=tuple(PROMPT)))
     assert snapshot(m) == before and store.round_trips == trips
-    m.remote.close()
+    connector = m.remote
+    connector.close()
+    connector.close()  # twice is fine
     assert m.remote is None
+    with pytest.raises(InvalidArgument, match="closed"):
+        connector.commit()
     serve(m, ToyModel(config()), "a", PROMPT[:8])  # works without the tier
+
+
+def test_a_failing_device_copy_in_commit_raises_and_leaves_the_queue_empty():
+    store = MemoryStore()
+    m = manager(config(), store)
+    m.allocate(AllocationRequest("a", token_ids=tuple(PROMPT[:8])))
+    original = m.storage.swap_out
+
+    def broken(*args, **kw):
+        raise RuntimeError("device lost")
+
+    m.storage.swap_out = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        m.remote.commit()
+    s = m.remote.stats()
+    assert s.queued_blocks == 0 and s.dropped_blocks == 2
+    m.storage.swap_out = original
+    assert m.remote.flush(1)
+
+
+def test_a_connector_that_only_reads_starts_no_thread():
+    store = MemoryStore()
+    publish(store)
+    m = manager(config(), store)
+    m.allocate(AllocationRequest("a", token_ids=tuple(PROMPT)))  # all hits: nothing to write
+    assert m.remote.commit() == 0 and not m.remote._writer.is_alive()

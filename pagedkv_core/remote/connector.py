@@ -108,7 +108,7 @@ class RemoteConnector:
                                       "dropped_blocks"), 0)
         self._counts_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="pagedkv-remote-writer", daemon=True)
-        self._writer.start()
+        self._closed = False
 
     # -- called by the manager, under its lock --------------------------------------------
 
@@ -159,6 +159,8 @@ class RemoteConnector:
         the backend's swap is); encoding and network I/O run in the writer.
         """
         manager = self.manager
+        if self._closed:
+            raise InvalidArgument("this remote connector was closed")
         with manager._lock:
             pending, self._pending = self._pending, []
             cached, tag_for = manager.pool.cached, self.tier.tagger.for_root
@@ -179,7 +181,15 @@ class RemoteConnector:
                     self._counts["dropped_blocks"] += len(blocks)
                     return 0
                 self._queued += len(blocks)
-            host = manager.storage.swap_out(blocks)
+            try:
+                host = manager.storage.swap_out(blocks)
+            except BaseException:
+                with self._counts_lock:
+                    self._queued -= len(blocks)
+                    self._counts["dropped_blocks"] += len(blocks)
+                raise
+            if not self._writer.is_alive():
+                self._writer.start()  # started on the first write, so a read-only connector holds no thread
         self._known.add(items)  # a second note of the same block before the write lands is not re-sent
         self._queue.put((items, host))
         return len(blocks)
@@ -201,8 +211,11 @@ class RemoteConnector:
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Commit, write what is queued (up to ``timeout``), stop the writer and detach from the manager."""
+        if self._closed:
+            return
+        self.commit()
+        self._closed = True
         if self._writer.is_alive():
-            self.commit()
             self.flush(timeout)
             self._queue.put(None)
             self._writer.join(timeout)
