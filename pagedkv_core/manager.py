@@ -195,6 +195,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
         """Admit a sequence: reuse its longest cached prefix and reserve slots for the rest of its prompt."""
+        prefetched = self._prefetch(request)
         with self._mutating():
             if request.request_id in self._seqs:
                 raise SequenceExists(request.request_id)
@@ -203,10 +204,17 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
             if needed > self.pool.num_free:
                 self.counters["allocation_failures"] += 1
                 raise OutOfBlocks(needed, self.pool.num_free)
-            return self._admit(request, hits, hashes, new_blocks, root)
+            return self._admit(request, hits, hashes, new_blocks, root, prefetched)
+
+    def _prefetch(self, request: AllocationRequest):
+        """The remote tier's blocks for ``request``, read before the lock is taken (None without a tier)."""
+        remote = self.remote
+        if remote is None or request.request_id in self._seqs:
+            return None
+        return remote.prefetch(request)
 
     def _admit(self, request: AllocationRequest, hits: list[int], hashes: list, new_blocks: int, root,
-               *, pinned: bool = False) -> PagedKvCacheHandle:
+               prefetched=None, *, pinned: bool = False) -> PagedKvCacheHandle:
         """Commit an admission whose blocks were checked to be available (hits already pinned if ``pinned``)."""
         if root is not None:
             hashes += self.hasher.chain(request.token_ids, root, hashes[-1] if hashes else None, len(hashes))
@@ -217,9 +225,8 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         bs = self.config.block_size
         loaded = 0
         if self.remote is not None and root is not None:
-            wanted = hashes[len(hits):(request.initial_tokens - 1) // bs]  # the last token is always computed
-            if wanted and bs * (len(hits) + len(wanted)) >= self.prefix_config.min_prefix_length:
-                loaded = self.remote.load(root, wanted, blocks[len(hits):len(hits) + len(wanted)])
+            end = (request.initial_tokens - 1) // bs  # the last token is always computed
+            loaded = self.remote.fill(prefetched, len(hits), hashes, blocks[len(hits):end])
             self.remote.note(root, hashes[len(hits) + loaded:])
         self.pool.register_chain(blocks, hashes, start=len(hits))
         row = self.tables.acquire()
@@ -244,6 +251,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         every hit is pinned before any new block is taken, so one admission
         can never evict another's hit.
         """
+        prefetched = [self._prefetch(r) for r in requests]
         with self._mutating():
             ids = [r.request_id for r in requests]
             if len(set(ids)) != len(ids):
@@ -260,7 +268,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
             for hits, _, _, _ in plans:
                 for block in hits:
                     self.pool.incref(block)
-            return [self._admit(r, *plan, pinned=True) for r, plan in zip(requests, plans)]
+            return [self._admit(r, *plan, fetched, pinned=True) for r, plan, fetched in zip(requests, plans, prefetched)]
 
     # -- growing, shrinking ---------------------------------------------------------
 

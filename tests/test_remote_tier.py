@@ -7,7 +7,7 @@ import pytest
 from remote_helpers import ToyModel, config, manager, serve
 
 from kvhelpers import snapshot
-from pagedkv_core import AllocationRequest, OutOfBlocks, PrefixCacheConfig
+from pagedkv_core import AllocationRequest, OutOfBlocks, PrefixCacheConfig, SequenceExists
 from pagedkv_core.errors import IncompatibleCache, InvalidArgument, RemoteTierError
 from pagedkv_core.remote import BlockTier, LayoutFingerprint, MemoryStore
 
@@ -270,10 +270,14 @@ def test_bad_options_and_refused_admissions_change_nothing():
         other.attach_remote(BlockTier(store, LayoutFingerprint.for_manager(m, "toy")))
     assert other.remote is None
     m.allocate(AllocationRequest("x", token_ids=tuple(range(500, 508))))
-    before, trips = snapshot(m), store.round_trips
-    with pytest.raises(OutOfBlocks):
+    before = snapshot(m)
+    with pytest.raises(OutOfBlocks):  # the probe ran before the lock; nothing changed
         m.allocate(AllocationRequest("big", token_ids=tuple(PROMPT)))
-    assert snapshot(m) == before and store.round_trips == trips
+    assert snapshot(m) == before
+    trips = store.round_trips
+    with pytest.raises(SequenceExists):
+        m.allocate(AllocationRequest("x", token_ids=tuple(PROMPT)))
+    assert snapshot(m) == before and store.round_trips == trips  # a known id asks nothing
     connector = m.remote
     connector.close()
     connector.close()  # twice is fine
@@ -307,3 +311,47 @@ def test_a_connector_that_only_reads_starts_no_thread():
     m = manager(config(), store)
     m.allocate(AllocationRequest("a", token_ids=tuple(PROMPT)))  # all hits: nothing to write
     assert m.remote.commit() == 0 and not m.remote._writer.is_alive()
+
+
+def test_a_slow_server_never_holds_the_lock_a_decode_step_needs():
+    store = MemoryStore()
+    publish(store)
+    in_probe, release = threading.Event(), threading.Event()
+    original = store.count_leading
+
+    def slow(keys):
+        in_probe.set()
+        release.wait(10)
+        return original(keys)
+
+    m = manager(config(), store)
+    serve(m, ToyModel(config()), "running", list(range(700, 706)))
+    store.count_leading = slow
+    admitted = []
+    admission = threading.Thread(target=lambda: admitted.append(serve(m, ToyModel(config()), "new", PROMPT)[0]))
+    admission.start()
+    assert in_probe.wait(10)
+    for token in range(5):  # the admission is stuck on the server; decode steps go on
+        m.append_slots(["running"], [token])
+    release.set()
+    admission.join(10)
+    assert admitted == [28]
+    m.check_invariants()
+
+
+def test_blocks_prefetched_before_the_local_cache_changed_are_used_only_where_they_line_up():
+    store = MemoryStore()
+    publish(store)
+    m = manager(config(), store)
+    request = AllocationRequest("a", token_ids=tuple(PROMPT))
+    prefetched = m.remote.prefetch(request)
+    assert (prefetched.start, len(prefetched.hashes)) == (0, 7)
+    m.allocate(AllocationRequest("other", token_ids=tuple(PROMPT[:12])))  # now 2 blocks are local hits...
+    m.remote.commit()
+    chain = m.hasher.chain(PROMPT, m.hasher.root(None))
+    blocks = m.pool.allocate(5)
+    assert m.remote.fill(prefetched, 2, chain, blocks) == 5  # ...so the run is used from its third block
+    assert m.remote.fill(prefetched, 2, chain[:2] + [b"x"] * 5, blocks) == 0  # another chain: nothing
+    shifted = m.remote.prefetch(AllocationRequest("b", token_ids=tuple(PROMPT)))
+    assert shifted.start == 3  # blocks 0-2 are local (block 2 came from the tier for "other")
+    assert m.remote.fill(shifted, 1, chain, blocks) == 0  # local cache shrank below the run: unusable

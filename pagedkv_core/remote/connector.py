@@ -1,9 +1,11 @@
 """Connects one manager to a remote tier: prefix hits at admission, background writes after each step.
 
-Reads happen where the manager admits a request, after its local prefix
-cache: blocks the local cache lacks are probed in one round trip, read in one
-more, validated, and copied into the request's fresh blocks; those tokens
-count as cached, so the engine does not compute them.
+Reads happen when the manager admits a request: before taking its lock, the
+blocks of the prompt that the local prefix cache lacks are probed in one
+round trip, read in one more and validated (:meth:`RemoteConnector.prefetch`);
+under the lock, those that still line up after the local hits are copied into
+the request's fresh blocks (:meth:`RemoteConnector.fill`). Those tokens count
+as cached, so the engine does not compute them.
 
 Writes never happen on the caller's thread. Every full block the manager
 hashes is noted; :meth:`RemoteConnector.commit` (call it once the step's K/V
@@ -32,7 +34,7 @@ from .tier import RemoteTier
 if TYPE_CHECKING:
     from ..manager import PagedKvCacheManager
 
-__all__ = ["RemoteConnector", "RemoteStats"]
+__all__ = ["Prefetched", "RemoteConnector", "RemoteStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,16 @@ class RemoteStats:
     @property
     def hit_rate(self) -> float:
         return self.hit_blocks / self.blocks_queried if self.blocks_queried else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """Blocks read from the tier for one admission: ``hashes`` are chain entries ``start, start + 1, ...``."""
+
+    root: Hashable
+    start: int
+    hashes: list
+    host: NumpyHostBlocks
 
 
 class _KnownSet:
@@ -120,35 +132,75 @@ class RemoteConnector:
             hashes = hashes[:max(room, 0)]
         self._pending.extend((root, h) for h in hashes)
 
-    def load(self, root: Hashable, hashes: Sequence[Hashable], block_ids: Sequence[int]) -> int:
-        """Fill ``block_ids`` with the leading blocks of ``hashes`` the tier holds; return how many."""
+    def prefetch(self, request) -> Prefetched | None:
+        """Probe and read what ``request``'s prompt may need, *before* the manager's lock is taken.
+
+        The network round trips of an admission happen here, so a decode step
+        on another thread never waits for the server. The blocks wanted are
+        those of the prompt's chain (all full blocks but the last token's)
+        from the first one the local prefix cache lacks at this moment.
+        """
+        manager = self.manager
+        hasher, prefix = manager.hasher, manager.prefix_config
+        if hasher is None or request.token_ids is None:
+            return None
+        bs = manager.config.block_size
+        limit = (request.initial_tokens - 1) // bs
+        if limit <= 0 or bs * limit < prefix.min_prefix_length:
+            return None
+        root = hasher.root(request.cache_salt)
+        chain = hasher.chain(request.token_ids[:limit * bs], root)
+        cached = manager.pool.cached  # read without the lock: a stale view only costs hits
+        start = next((i for i, h in enumerate(chain) if h not in cached), limit)
+        if start == limit:
+            return None
+        wanted = chain[start:]
         tag = self.tier.tagger.for_root(root)
         valid, fetched = 0, None
         if self._available():
             try:
-                found = self.tier.probe(tag, hashes)
+                found = self.tier.probe(tag, wanted)
                 if found:
-                    fetched = self.tier.fetch(tag, hashes[:found])
+                    fetched = self.tier.fetch(tag, wanted[:found])
                     valid = fetched.num_blocks
                     self._count(corrupt_values=fetched.corrupt, fetched_bytes=fetched.nbytes)
             except RemoteTierError:
                 self._failed()
         else:
             self._count(unavailable_skips=1)
-        if self.agree is not None:
+        if self.agree is not None:  # every rank takes this path alike: their managers are equal
             valid = self.agree(valid)
-        if valid:
-            host = fetched.host
-            if valid < host.num_blocks:
-                host = _subset(host, slice(0, valid))
-            try:
-                self.manager.storage.swap_in(host, list(block_ids[:valid]))
-            except PagedKvError:  # the storage refused the blocks: compute them instead
-                self._count(errors=1)
-                valid = 0
-            self._known.add((tag, h) for h in hashes[:valid])
-        self._count(lookups=1, blocks_queried=len(hashes), hit_blocks=valid)
-        return valid
+        self._count(lookups=1, blocks_queried=len(wanted))
+        if not valid:
+            return None
+        self._known.add((tag, h) for h in wanted[:valid])
+        return Prefetched(root, start, wanted[:valid], fetched.host)
+
+    def fill(self, prefetched: Prefetched | None, first: int, hashes: Sequence[Hashable],
+             block_ids: Sequence[int]) -> int:
+        """Copy the prefetched blocks that follow ``first`` local hits into ``block_ids``; return how many.
+
+        Called under the manager's lock. Only blocks whose hashes line up with
+        the admission's chain are used: if the local cache changed since the
+        prefetch, the rest are simply computed.
+        """
+        if prefetched is None:
+            return 0
+        offset = first - prefetched.start
+        count = min(len(prefetched.hashes) - offset, len(block_ids))
+        if offset < 0 or count <= 0 or list(prefetched.hashes[offset:offset + count]) != list(
+                hashes[first:first + count]):
+            return 0
+        if self.manager.config.block_size * (first + count) < self.manager.prefix_config.min_prefix_length:
+            return 0
+        host = _subset(prefetched.host, slice(offset, offset + count))
+        try:
+            self.manager.storage.swap_in(host, list(block_ids[:count]))
+        except PagedKvError:  # the storage refused the blocks: compute them instead
+            self._count(errors=1)
+            return 0
+        self._count(hit_blocks=count)
+        return count
 
     # -- called by the engine -----------------------------------------------------------------
 
