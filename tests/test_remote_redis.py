@@ -94,7 +94,7 @@ def test_another_fingerprint_is_a_miss_and_the_layout_is_described_on_the_server
 def test_ttl_and_drop_tenant(server):
     cfg = config("float16")
     m = manager(cfg, RedisStore(server.url))
-    m.remote.tier.ttl_seconds = 0.3
+    m.remote.tier.ttl_seconds = 1.5
     serve(m, ToyModel(cfg), "short-lived", PROMPT, salt="t1")
     assert m.remote.flush(10)
     m.remote.tier.ttl_seconds = None
@@ -102,15 +102,15 @@ def test_ttl_and_drop_tenant(server):
     serve(m, ToyModel(cfg), "kept-too", list(range(600, 630)), salt="t2")
     assert m.remote.flush(10)
     client = RedisStore(server.url).client
-    assert 0 < client.pttl(chain_keys(m, salt="t1")[0]) <= 300
+    assert 0 < client.pttl(chain_keys(m, salt="t1")[0]) <= 1500
     assert m.remote.tier.drop_tenant("t2") == 14
-    time.sleep(0.4)
+    time.sleep(1.6)
     assert [k for k in client.keys(b"pkv1:*") if not k.endswith(b":layout")] == []
 
 
 def test_killing_the_server_mid_run_degrades_to_misses(server):
     cfg = config("float16", num_blocks=128)
-    store = RedisStore(server.url, socket_timeout=0.2, connect_timeout=0.2)
+    store = RedisStore(server.url, socket_timeout=2.0, connect_timeout=2.0)  # a dead server refuses at once
     m = manager(cfg, store, retry_interval=0.5)
     model = ToyModel(cfg)
     serve(m, model, "a", PROMPT)
@@ -148,7 +148,7 @@ def test_a_frozen_server_never_blocks_the_step(server):
     import signal
 
     cfg = config("float16", num_blocks=128)
-    m = manager(cfg, RedisStore(server.url, socket_timeout=0.3, connect_timeout=0.3), retry_interval=0)
+    m = manager(cfg, RedisStore(server.url, socket_timeout=1.0, connect_timeout=1.0), retry_interval=0)
     model = ToyModel(cfg)
     serve(m, model, "warm", list(range(700, 710)))  # the connection exists before the freeze
     assert m.remote.flush(10)
