@@ -13,7 +13,8 @@ __all__ = ["main"]
 EXAMPLES = {
     "backends": "examples:\n  pagedkv backends\n  PAGEDKV_BLOCKED_PLUGINS=cupy pagedkv backends",
     "demo": ("examples:\n  pagedkv demo\n  pagedkv demo --requests 50 --plot blocks.png\n"
-             "  pagedkv demo --backend torch --device cpu --seed 3"),
+             "  pagedkv demo --backend torch --device cpu --seed 3\n"
+             "  pagedkv demo --remote redis://127.0.0.1:6379/0"),
     "conformance": ("examples:\n  pagedkv conformance --backend numpy --device cpu\n"
                     "  pagedkv conformance --backend torch --dtype float16,bfloat16\n"
                     "  pagedkv conformance --full -- -x -k attention"),
@@ -46,7 +47,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    report = run_demo(args.backend, args.device, args.requests, args.seed, args.plot)
+    report = run_demo(args.backend, args.device, args.requests, args.seed, args.plot, remote=args.remote)
     if not report.ok:
         print(f"pagedkv: error: self-check failed: verified {report.verified}/{report.checked}, "
               f"consistent: {report.consistent}", file=sys.stderr)
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=200, help="synthetic requests to serve (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and the workload")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of block use and pressure over time")
+    p.add_argument("--remote", default=None, metavar="URL",
+                   help="share prefix blocks through a Redis/Valkey server, e.g. redis://127.0.0.1:6379/0 "
+                        "(pip install 'pagedkv[redis]'); run twice to see the second run load them")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("conformance", help="run the conformance suite and print a per-area summary",
                        epilog=EXAMPLES["conformance"], formatter_class=argparse.RawDescriptionHelpFormatter)

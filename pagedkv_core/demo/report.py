@@ -13,6 +13,7 @@ import numpy as np
 
 from ..manager import PagedKvCacheManager
 from ..pressure import MemoryPressure
+from ..remote import RemoteStats
 from .scheduler import Scheduler
 from .selfcheck import CheckResult
 
@@ -89,6 +90,13 @@ class DemoReport:
     checked_ids: tuple[str, ...]
     mismatches: tuple[str, ...]
     plot: str | None = None
+    # the remote tier, when one was attached (``--remote``)
+    remote_url: str | None = None
+    remote_queried_blocks: int = 0
+    remote_hit_blocks: int = 0
+    remote_put_blocks: int = 0
+    remote_dropped_blocks: int = 0
+    remote_errors: int = 0
 
     @property
     def consistent(self) -> bool:
@@ -104,7 +112,7 @@ class DemoReport:
 
 def build_report(setup: RunSetup, scheduler: Scheduler, manager: PagedKvCacheManager,
                  pressure_seconds: dict[MemoryPressure, float], elapsed: float, check: CheckResult,
-                 plot: str | None = None) -> DemoReport:
+                 plot: str | None = None, remote: tuple[str, RemoteStats] | None = None) -> DemoReport:
     """Condense a finished run; call after the scheduler's loop ended and every request was freed."""
     records, config, stats = scheduler.records, manager.config, manager.stats()
     latencies = np.array([r.seconds for r in records]) * 1000 if records else np.zeros(1)
@@ -140,6 +148,10 @@ def build_report(setup: RunSetup, scheduler: Scheduler, manager: PagedKvCacheMan
         invariant_problems=tuple(manager.check_invariants(raise_on_error=False)),
         verified=check.verified, checked=check.checked, checked_ids=check.request_ids,
         mismatches=check.mismatches, plot=plot,
+        **({} if remote is None else dict(
+            remote_url=remote[0], remote_queried_blocks=remote[1].blocks_queried,
+            remote_hit_blocks=remote[1].hit_blocks, remote_put_blocks=remote[1].put_blocks,
+            remote_dropped_blocks=remote[1].dropped_blocks, remote_errors=remote[1].errors)),
     )
 
 
@@ -167,6 +179,10 @@ def format_report(r: DemoReport) -> str:
         f"(mean {r.mean_wasted_slots:.0f} slots)",
         f"  prefix cache hit rate {r.prefix_hit_rate:.1%} ({r.prefix_hit_tokens:,} of {r.prefix_query_tokens:,} "
         f"prompt tokens)",
+        *([f"  remote tier  {r.remote_url}: {r.remote_hit_blocks:,} of {r.remote_queried_blocks:,} blocks asked for "
+           f"were loaded ({r.remote_hit_blocks * r.block_size:,} prompt tokens not computed); "
+           f"{r.remote_put_blocks:,} written, {r.remote_dropped_blocks:,} dropped, {r.remote_errors} errors"]
+          if r.remote_url else []),
         f"  preemptions  {r.preemptions} ({r.preemptions - r.decode_preemptions} at CRITICAL pressure, "
         f"{r.decode_preemptions} when a decode step found no free block); swaps out {r.swaps_out}, in {r.swaps_in}",
         f"  StreamingLLM {r.trims} trims, {r.trimmed_tokens:,} tokens cut from {r.trimmed_requests} "

@@ -57,12 +57,15 @@ def _cache_config(model: ModelConfig, peak: int, context: int) -> CacheConfig:
 
 
 def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, seed: int = 0,
-             plot: str | None = None, out: TextIO | None = None, progress: bool = True) -> DemoReport:
+             plot: str | None = None, out: TextIO | None = None, progress: bool = True,
+             remote: str | None = None) -> DemoReport:
     """Serve ``requests`` synthetic requests on ``backend``/``device``, print progress and the report to ``out``.
 
     Returns the :class:`DemoReport`; the self-check passed when
     ``report.verified == report.checked`` (the CLI exits non-zero otherwise).
     ``plot`` is a path for a PNG of block use and pressure (needs matplotlib).
+    ``remote`` is a Redis/Valkey URL: prefix blocks are shared through it, so
+    a second run (another process) loads the prompts the first computed.
     Raises ``UnknownBackend`` / ``BackendUnavailable`` for a backend or device
     that cannot be used here.
     """
@@ -84,6 +87,13 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
     peak = peak_demand(workload, BLOCK_SIZE, sched_config.context)
     config = _cache_config(model.config, peak, sched_config.context)
     manager = PagedKvCacheManager(impl.create_storage(config, device), eviction_policy=PriorityPolicy())
+    connector = None
+    if remote is not None:
+        from ..remote import BlockTier, LayoutFingerprint
+        from ..remote.redis_store import RedisStore
+
+        layout = LayoutFingerprint.for_manager(manager, f"pagedkv-demo/seed-{seed}")  # the weights follow the seed
+        connector = manager.attach_remote(BlockTier(RedisStore(remote), layout))
     runner = PagedRunner(model, impl, manager.storage, device)
     setup = RunSetup(backend, device, requests, seed, _describe(model.config), sched_config.context, peak,
                      sum(r.max_new_tokens for r in workload))
@@ -98,6 +108,8 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
         scheduler.run()
     finally:
         bar.close()
+        if connector is not None:
+            connector.close()
     elapsed = time.perf_counter() - start
     pressure_seconds = manager.pressure.seconds_at_levels()
 
@@ -105,7 +117,8 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
     if plot is not None:
         title = f"pagedkv demo: {backend}:{device}, {requests} requests, seed {seed}"
         write_plot(plot, scheduler.records, config, title)
-    report = build_report(setup, scheduler, manager, pressure_seconds, elapsed, check, plot)
+    report = build_report(setup, scheduler, manager, pressure_seconds, elapsed, check, plot,
+                          None if connector is None else (remote, connector.stats()))
     out.write(format_report(report) + "\n")
     out.flush()
     return report

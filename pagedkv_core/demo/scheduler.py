@@ -149,6 +149,8 @@ class Scheduler:
         prefill_tokens = self._prefill(admitted)
         decoding = [live for live in self.running.values() if live.admitted_step != self.step_index]
         self._decode(decoding)
+        if self.manager.remote is not None:  # this step's K/V are written: share its full blocks
+            self.manager.remote.commit()
         if not (admitted or decoding or swapped_in or self.running) and self.waiting and not self.arrivals:
             raise RuntimeError(f"the scheduler stalled at step {self.step_index}: {len(self.waiting)} requests "
                                f"wait and none fits an empty pool of {self.manager.config.num_blocks} blocks")
