@@ -159,9 +159,10 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
             prefix = self.prefix_config
             if prefix.ttl_seconds is not None:
                 self.pool.expire_cached(prefix.ttl_seconds)
-            cached_request, root, known = self._last_plan
-            if cached_request is not request:  # can_allocate then allocate hash the prompt once
-                root, known = self.hasher.root(request.cache_salt), []
+            cached_request, cached_root, known = self._last_plan
+            root = self.hasher.root(request.cache_salt)  # also tells whether the hash scheme changed since
+            if cached_request is not request or cached_root != root:  # can_allocate, allocate: hash once
+                known = []
                 self._last_plan = (request, root, known)
             tokens, parent, lookup, step = request.token_ids, root, self.pool.cached.get, self.hasher.next
             for i in range((n - 1) // bs):  # at least one token is always computed
@@ -208,10 +209,14 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
 
     def _prefetch(self, request: AllocationRequest):
         """The remote tier's blocks for ``request``, read before the lock is taken (None without a tier)."""
-        remote = self.remote
-        if remote is None or request.request_id in self._seqs:
+        remote, hasher = self.remote, self.hasher
+        if remote is None or hasher is None or request.token_ids is None or request.request_id in self._seqs:
             return None
-        return remote.prefetch(request)
+        bs = self.config.block_size
+        root = hasher.root(request.cache_salt)
+        chain = hasher.chain(request.token_ids[:(request.initial_tokens - 1) // bs * bs], root)
+        self._last_plan = (request, root, chain)  # the admission plan reuses these hashes
+        return remote.prefetch(root, chain)
 
     def _admit(self, request: AllocationRequest, hits: list[int], hashes: list, new_blocks: int, root,
                prefetched=None, *, pinned: bool = False) -> PagedKvCacheHandle:

@@ -343,15 +343,27 @@ def test_blocks_prefetched_before_the_local_cache_changed_are_used_only_where_th
     store = MemoryStore()
     publish(store)
     m = manager(config(), store)
-    request = AllocationRequest("a", token_ids=tuple(PROMPT))
-    prefetched = m.remote.prefetch(request)
+    chain = m.hasher.chain(PROMPT, m.hasher.root(None))
+    prefetched = m.remote.prefetch(m.hasher.root(None), chain[:7])
     assert (prefetched.start, len(prefetched.hashes)) == (0, 7)
     m.allocate(AllocationRequest("other", token_ids=tuple(PROMPT[:12])))  # now 2 blocks are local hits...
     m.remote.commit()
-    chain = m.hasher.chain(PROMPT, m.hasher.root(None))
     blocks = m.pool.allocate(5)
     assert m.remote.fill(prefetched, 2, chain, blocks) == 5  # ...so the run is used from its third block
     assert m.remote.fill(prefetched, 2, chain[:2] + [b"x"] * 5, blocks) == 0  # another chain: nothing
-    shifted = m.remote.prefetch(AllocationRequest("b", token_ids=tuple(PROMPT)))
+    shifted = m.remote.prefetch(m.hasher.root(None), chain[:7])
     assert shifted.start == 3  # blocks 0-2 are local (block 2 came from the tier for "other")
     assert m.remote.fill(shifted, 1, chain, blocks) == 0  # local cache shrank below the run: unusable
+
+
+def test_hashes_prefetched_under_an_old_scheme_are_not_reused():
+    """A prefetch hashes outside the lock; if the scheme changed meanwhile, the admission hashes again."""
+    m = manager(config())
+    request = AllocationRequest("a", token_ids=tuple(PROMPT))
+    old_root = m.hasher.root(None)
+    old_chain = m.hasher.chain(PROMPT[:28], old_root)
+    m.enable_prefix_caching(PrefixCacheConfig(hash_seed=9))
+    m._last_plan = (request, old_root, old_chain)  # what a prefetch racing the change leaves behind
+    m.allocate(request)
+    assert m._seqs["a"].hashes == m.hasher.chain(PROMPT, m.hasher.root(None))
+    assert not set(old_chain) & set(m.pool.cached)

@@ -122,34 +122,28 @@ class RemoteConnector:
         self._writer = threading.Thread(target=self._write_loop, name="pagedkv-remote-writer", daemon=True)
         self._closed = False
 
-    # -- called by the manager, under its lock --------------------------------------------
+    # -- called by the manager ------------------------------------------------------------
 
     def note(self, root: Hashable, hashes: Sequence[Hashable]) -> None:
-        """Full blocks just hashed; written at the next :meth:`commit` if still cached then."""
+        """Full blocks just hashed (under the manager's lock); written at the next :meth:`commit` if still cached."""
         room = 4 * self.max_queued_blocks - len(self._pending)
         if len(hashes) > room:  # the engine never commits: keep memory bounded, count the loss
             self._count(dropped_blocks=len(hashes) - max(room, 0))
             hashes = hashes[:max(room, 0)]
         self._pending.extend((root, h) for h in hashes)
 
-    def prefetch(self, request) -> Prefetched | None:
-        """Probe and read what ``request``'s prompt may need, *before* the manager's lock is taken.
+    def prefetch(self, root: Hashable, chain: Sequence[Hashable]) -> Prefetched | None:
+        """Probe and read the blocks of a prompt's ``chain`` the local cache lacks, *before* the manager's lock.
 
         The network round trips of an admission happen here, so a decode step
-        on another thread never waits for the server. The blocks wanted are
-        those of the prompt's chain (all full blocks but the last token's)
-        from the first one the local prefix cache lacks at this moment.
+        on another thread never waits for the server. ``chain`` holds the
+        hashes of the prompt's full blocks but the last token's; the blocks
+        wanted run from the first one the local prefix cache lacks now.
         """
         manager = self.manager
-        hasher, prefix = manager.hasher, manager.prefix_config
-        if hasher is None or request.token_ids is None:
+        limit = len(chain)
+        if not limit or manager.config.block_size * limit < manager.prefix_config.min_prefix_length:
             return None
-        bs = manager.config.block_size
-        limit = (request.initial_tokens - 1) // bs
-        if limit <= 0 or bs * limit < prefix.min_prefix_length:
-            return None
-        root = hasher.root(request.cache_salt)
-        chain = hasher.chain(request.token_ids[:limit * bs], root)
         cached = manager.pool.cached  # read without the lock: a stale view only costs hits
         start = next((i for i, h in enumerate(chain) if h not in cached), limit)
         if start == limit:
