@@ -54,12 +54,14 @@ class RemoteManagerMachine(ManagerMachine):
         keys = self._blocks()
         key = data.draw(st.sampled_from(keys))
         value = bytearray(self.store.raw()[key])
+        if len(value) < 2:  # already cut to nothing worth damaging
+            return
         if how == "flip":
             value[data.draw(st.integers(0, len(value) - 1))] ^= data.draw(st.integers(1, 255))
         elif how == "swap":
             value = bytearray(self.store.raw()[data.draw(st.sampled_from(keys))])
         else:
-            del value[data.draw(st.integers(0, len(value) - 1)):]
+            del value[data.draw(st.integers(1, len(value) - 1)):]
         self.store.put_many([(key, bytes(value))])
 
     def teardown(self):
