@@ -35,3 +35,13 @@ def make_manager(clock):
 @pytest.fixture
 def manager(make_manager) -> PagedKvCacheManager:
     return make_manager()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free loopback port (``.url``, ``.stop()``); skips outside CI where none is installed."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -7,30 +7,23 @@ any cache, so a loaded block with wrong K/V would change greedy tokens and fail 
 import io
 
 import pytest
-from redis_server import RedisServer
 
 from pagedkv_core.demo import run_demo
 
 pytest.importorskip("redis", reason="redis-py is not installed: pip install 'pagedkv[redis]'")
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = RedisServer(tmp_path)
-    yield s
-    s.stop()
 
-
-def test_a_second_run_loads_the_first_runs_prefixes_and_still_verifies(server):
+def test_a_second_run_loads_the_first_runs_prefixes_and_still_verifies(redis_server):
     out = io.StringIO()
-    first = run_demo("numpy", requests=40, remote=server.url, out=out, progress=False)
+    first = run_demo("numpy", requests=40, remote=redis_server.url, out=out, progress=False)
     assert first.ok and first.remote_put_blocks > 0 and first.remote_errors == 0
-    second = run_demo("numpy", requests=40, remote=server.url, out=out, progress=False)
+    second = run_demo("numpy", requests=40, remote=redis_server.url, out=out, progress=False)
     assert second.ok, out.getvalue()
     assert second.remote_hit_blocks > 0 and second.remote_errors == 0
     assert second.prefill_tokens <= first.prefill_tokens - second.remote_hit_blocks * second.block_size
-    assert f"remote tier  {server.url}:" in out.getvalue()
-    other_seed = run_demo("numpy", requests=10, seed=1, remote=server.url, out=out, progress=False)
+    assert f"remote tier  {redis_server.url}:" in out.getvalue()
+    other_seed = run_demo("numpy", requests=10, seed=1, remote=redis_server.url, out=out, progress=False)
     assert other_seed.ok and other_seed.remote_hit_blocks == 0  # other weights: another layout, no hits
 
 

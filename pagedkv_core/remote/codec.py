@@ -26,6 +26,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from ..dtypes import is_quantized
 from ..errors import CorruptRemoteBlock, InvalidArgument
 from ..storage import NumpyHostBlocks
 from .layout import LayoutFingerprint, encode_block_hash
@@ -50,6 +51,8 @@ def _e4m3_table() -> np.ndarray:
 
 
 _E4M3 = _e4m3_table()
+_E4M3_DECODE = np.concatenate([_E4M3, [np.nan], -_E4M3, [np.nan]]).astype(np.float32)  # code -> value
+_HOST_DTYPE = {"bfloat16": np.dtype(np.float32), "float8_e4m3fn": np.dtype(np.float32)}  # else the wire's
 
 
 def _to_wire(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -73,8 +76,7 @@ def _from_wire(elements: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (elements.astype(np.uint32) << 16).view(np.float32)
     if dtype == "float8_e4m3fn":
-        table = np.concatenate([_E4M3, [np.nan], -_E4M3, [np.nan]]).astype(np.float32)
-        return table[elements]
+        return _E4M3_DECODE[elements]
     return elements.astype(elements.dtype.newbyteorder("="), copy=False)
 
 
@@ -120,7 +122,7 @@ def encode_blocks(layout: LayoutFingerprint, hashes: Sequence[Hashable], host: N
 def _payload_layout(layout: LayoutFingerprint) -> tuple[tuple[int, ...], np.dtype, int, bool]:
     shape = (layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
     wire = np.dtype(_WIRE[layout.dtype])
-    has_scales = layout.dtype in ("int8", "float8_e4m3fn")
+    has_scales = is_quantized(layout.dtype)
     values = int(np.prod(shape)) * wire.itemsize
     scales = layout.num_layers * layout.num_kv_heads * 4 if has_scales else 0
     return shape, wire, 2 * (values + scales), has_scales
@@ -179,7 +181,7 @@ def decode_run(layout: LayoutFingerprint, hashes: Sequence[Hashable],
             break
     shape, wire, _, has_scales = _payload_layout(layout)
     n = len(decoded)
-    host_dtype = _from_wire(np.zeros(1, wire), layout.dtype).dtype
+    host_dtype = _HOST_DTYPE.get(layout.dtype, wire.newbyteorder("="))
     k = np.empty((shape[0], n) + shape[1:], host_dtype)
     v = np.empty_like(k)
     scales = [np.empty((shape[0], n, shape[2]), np.float32) for _ in range(2)] if has_scales else [None, None]

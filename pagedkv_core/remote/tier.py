@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..errors import RemoteTierError
@@ -111,13 +112,13 @@ class MemoryStore:
         return None
 
 
+@dataclass(frozen=True, slots=True)
 class FetchResult:
-    """Blocks read from the tier: the valid leading run, and what stopped it."""
+    """Blocks read from the tier: the valid leading run, whether a bad value stopped it, the bytes read."""
 
-    __slots__ = ("host", "corrupt", "nbytes")
-
-    def __init__(self, host: NumpyHostBlocks, corrupt: int, nbytes: int) -> None:
-        self.host, self.corrupt, self.nbytes = host, corrupt, nbytes
+    host: NumpyHostBlocks
+    corrupt: int
+    nbytes: int
 
     @property
     def num_blocks(self) -> int:
