@@ -1,7 +1,10 @@
 """Paged attention of the torch backend: picks a kernel per device and builds a plan.
 
 ``kernel="auto"`` runs the Triton kernels on CUDA devices when triton is
-importable and torch ops everywhere else; ``kernel="torch"`` forces torch ops;
+importable, the compiled CPU decode kernel (``native_decode``) on CPU pools
+when it was built, and torch ops everywhere else; ``kernel="torch"`` forces
+torch ops; ``kernel="native"`` forces the compiled CPU decode (prefill, which
+is compute-bound and already at SDPA's speed, stays on torch ops);
 ``kernel="triton"`` forces the Triton kernels, which on CPU tensors run only
 under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported) — that is how the GPU code path is tested on machines without one.
@@ -15,13 +18,14 @@ import os
 from pagedkv_core.attention import AttentionBase, AttentionParams, AttentionPlan, check_batch
 from pagedkv_core.errors import InvalidArgument, UnsupportedOperation
 
+from .native_decode import NativeDecodePlan, native_unavailable_reason
 from .storage import TorchStorage
 from .torch_decode import DEFAULT_TILE_BYTES, TorchDecodePlan
 from .torch_prefill import TorchPrefillPlan
 
 __all__ = ["TorchAttention", "KERNELS", "triton_interpreting", "triton_available"]
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "native", "triton")
 
 
 def triton_interpreting() -> bool:
@@ -36,7 +40,7 @@ def triton_available() -> bool:
 class TorchAttention(AttentionBase):
     """Paged decode and prefill over a :class:`TorchStorage`.
 
-    ``kernel``: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module doc).
+    ``kernel``: ``"auto"``, ``"torch"``, ``"native"`` or ``"triton"`` (see the module doc).
     ``tile_bytes``: float32 K bytes per tile of the torch decode kernel (a
     cache-sized working set; see ``torch_decode``). ``split_tokens``: tokens
     per split of the Triton decode kernel (``None``: enough splits to fill the
@@ -61,7 +65,14 @@ class TorchAttention(AttentionBase):
         if self.kernel == "torch":
             return "torch"
         if self.kernel == "auto":
-            return "triton" if dev.type == "cuda" and triton_available() else "torch"
+            if dev.type == "cuda" and triton_available():
+                return "triton"
+            return "native" if native_unavailable_reason(storage) is None else "torch"
+        if self.kernel == "native":
+            reason = native_unavailable_reason(storage)
+            if reason is not None:
+                raise UnsupportedOperation(reason)
+            return "native"
         if not triton_available():
             raise UnsupportedOperation("kernel='triton' needs the triton package (pip install pagedkv-torch[triton])")
         if dev.type != "cuda" and not (dev.type == "cpu" and triton_interpreting()):
@@ -83,12 +94,15 @@ class TorchAttention(AttentionBase):
         params = AttentionParams.make(config.head_dim, scale=scale, causal=causal,
                                       sliding_window=sliding_window, soft_cap=soft_cap)
         index = check_batch(config, block_tables, seq_lens, query_start_loc)
-        if self.kernel_for(storage) == "triton":
+        kernel = self.kernel_for(storage)
+        if kernel == "triton":
             from .triton_attention import TritonDecodePlan, TritonPrefillPlan
 
             if index.is_decode:
                 return TritonDecodePlan(storage, index, params, self.split_tokens)
             return TritonPrefillPlan(storage, index, params)
+        if index.is_decode and kernel == "native":
+            return NativeDecodePlan(storage, index, params)
         if index.is_decode:
             return TorchDecodePlan(storage, index, params, self.tile_bytes)
         return TorchPrefillPlan(storage, index, params)

@@ -166,6 +166,8 @@ def test_index_arrays_may_be_tensors(backend):
     assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0), "float32", "tensor indices")
 
 
-def test_auto_kernel_is_torch_on_cpu(backend):
+def test_auto_kernel_on_cpu_is_native_when_built(backend):
+    from pagedkv_torch.native_decode import native_unavailable_reason
+
     storage = backend.create_storage(make_config(), "cpu")
-    assert backend.attention.kernel_for(storage) == "torch"
+    assert backend.attention.kernel_for(storage) == ("native" if native_unavailable_reason(storage) is None else "torch")

@@ -1,0 +1,194 @@
+/* pagedkv_torch._cpu_decode: paged decode attention over CPU pools, compiled.
+ *
+ * Why native code: decode reads every K/V byte once, so its speed is memory
+ * bandwidth, but torch and NumPy can only multiply float32 (or return rounded
+ * half-precision scores), so a bfloat16 pool had to be widened into a float32
+ * copy first, and writing that copy cost what the halved read saved. Here a
+ * row is widened in registers (or an L1-sized scratch) right before its dot
+ * products, so narrow pools read fewer bytes and nothing else grows.
+ *
+ * The module is plain C over raw pointers (no torch headers): the Python side
+ * (pagedkv_torch.native_decode) validates every argument and hands over
+ * contiguous CPU tensors' addresses; the GIL is released while the kernel runs,
+ * so Python threads can decode disjoint item ranges in parallel.
+ *
+ * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at run
+ * time from the CPU's features, and a portable 8-lane build (NEON on arm64,
+ * SSE2 elsewhere) through GCC/Clang vector extensions.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3 };
+#define CHUNK 16 /* tokens scored per step; a multiple of every variant's LANES */
+#define PREFETCH_BLOCKS 2 /* how far ahead the next blocks' rows are requested (1-4 measured alike) */
+
+typedef struct {
+    const float *q;           /* [batch, num_kv_heads * group, head_dim] float32 */
+    float *out;               /* same shape, float32 */
+    const char *k, *v;        /* one layer's pools [num_blocks, block_size, num_kv_heads, head_dim] */
+    const float *k_scale;     /* [num_blocks, num_kv_heads] for int8 pools, else NULL */
+    const float *v_scale;
+    const int32_t *block_tables; /* [batch, table_stride] */
+    const int32_t *seq_lens;  /* [batch], each >= 1 */
+    int64_t table_stride, num_kv_heads, group, head_dim, block_size, window, elem_size;
+    int64_t heads_per_item;    /* KV heads walked together by one item */
+    int dtype;
+    float scale, soft_cap;    /* soft_cap <= 0: none; window <= 0: none */
+} DecodeArgs;
+
+static float half_to_float(uint16_t h) {
+    uint32_t em = h & 0x7fffu, bits;
+    if (em >= 0x7c00u) {
+        bits = (em << 13) | 0x7f800000u;
+    } else {
+        uint32_t shifted = em << 13;
+        float mag;
+        memcpy(&mag, &shifted, 4);
+        mag *= 0x1p112f;
+        memcpy(&bits, &mag, 4);
+    }
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* the vector helpers are always inlined, so the generic variant's wider-than-SSE vectors never cross an ABI */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#define LANES 8
+#define TARGET
+#define NAME(x) CAT(x, _generic)
+#include "cpu_decode_kernel.h"
+#undef LANES
+#undef TARGET
+#undef NAME
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86_VARIANTS 1
+#define LANES 8
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define NAME(x) CAT(x, _avx2)
+#include "cpu_decode_kernel.h"
+#undef LANES
+#undef TARGET
+#undef NAME
+
+#define LANES 16
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define NAME(x) CAT(x, _avx512)
+#include "cpu_decode_kernel.h"
+#undef LANES
+#undef TARGET
+#undef NAME
+#endif
+
+typedef void (*DecodeFn)(const DecodeArgs *, int64_t, int64_t, float *);
+
+static DecodeFn pick(const char **name) {
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+        *name = "avx512";
+        return decode_items_avx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        *name = "avx2";
+        return decode_items_avx2;
+    }
+#endif
+    *name = "generic";
+    return decode_items_generic;
+}
+
+static DecodeFn chosen;
+static const char *chosen_name;
+
+static DecodeFn variant(const char *requested) {
+    if (requested == NULL || strcmp(requested, "auto") == 0) return chosen;
+    if (strcmp(requested, "generic") == 0) return decode_items_generic;
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (strcmp(requested, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return decode_items_avx2;
+    if (strcmp(requested, "avx512") == 0 && chosen == decode_items_avx512) return decode_items_avx512;
+#endif
+    return NULL;
+}
+
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, out, k, v, k_scale, v_scale, tables, lens;
+    long long stride, kvh, group, hd, bs, window, elem, per, begin, end;
+    int dtype;
+    float scale, cap;
+    const char *requested = NULL;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKLLLLLLLLiffLL|z", &q, &out, &k, &v, &k_scale, &v_scale, &tables, &lens,
+                          &stride, &kvh, &group, &hd, &bs, &window, &elem, &per, &dtype, &scale, &cap, &begin, &end,
+                          &requested))
+        return NULL;
+    if (dtype < DT_F32 || dtype > DT_I8 || kvh < 1 || group < 1 || hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin) {
+        PyErr_SetString(PyExc_ValueError, "invalid decode arguments");
+        return NULL;
+    }
+    if (per > kvh) per = kvh;
+    DecodeFn fn = variant(requested);
+    if (fn == NULL) {
+        PyErr_Format(PyExc_ValueError, "kernel variant %s is not available on this CPU", requested);
+        return NULL;
+    }
+    DecodeArgs a = {
+        .q = (const float *)(uintptr_t)q, .out = (float *)(uintptr_t)out,
+        .k = (const char *)(uintptr_t)k, .v = (const char *)(uintptr_t)v,
+        .k_scale = (const float *)(uintptr_t)k_scale, .v_scale = (const float *)(uintptr_t)v_scale,
+        .block_tables = (const int32_t *)(uintptr_t)tables, .seq_lens = (const int32_t *)(uintptr_t)lens,
+        .table_stride = stride, .num_kv_heads = kvh, .group = group, .head_dim = hd, .block_size = bs,
+        .window = window, .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale, .soft_cap = cap,
+    };
+    int64_t dim = (hd + 15) / 16 * 16;
+    size_t floats = (size_t)(2 * per * group * dim + group * CHUNK + 2 * CHUNK * dim + 2 * per * group);
+    float *work = calloc(floats, sizeof(float));
+    if (work == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    fn(&a, begin, end, work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"decode", py_decode, METH_VARARGS,
+     "decode(q, out, k, v, k_scale, v_scale, block_tables, seq_lens, table_stride, num_kv_heads, group, head_dim, "
+     "block_size, window, elem_size, heads_per_item, dtype, scale, soft_cap, begin, end, variant=None): items "
+     "begin..end (sequence * slices + slice of heads_per_item KV heads) of a paged decode; addresses of "
+     "contiguous CPU buffers."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_cpu_decode", .m_size = -1, .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__cpu_decode(void) {
+    chosen = pick(&chosen_name);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddStringConstant(m, "VARIANT", chosen_name) < 0 ||
+        PyModule_AddIntConstant(m, "CHUNK", CHUNK) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
