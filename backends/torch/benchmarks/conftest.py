@@ -34,6 +34,10 @@ def _ratio_lines(results: dict) -> list[str]:
     if paired:
         lines.append(f"decode: paired rounds, median of bfloat16 / float32 paged = {paired['ratio']:.2f}x "
                      f"(goal < 1: {_verdict(paired['ratio'], 1.0, strict=True)})")
+    for name, entry in results.items():
+        if name.endswith("(torch-ops)") and "ratio" in entry:
+            lines.append(f"{name.replace('paired', 'paired rounds, median ratio')}: {entry['ratio']:.2f}x "
+                         "(the torch-op kernel, for comparison)")
     return lines
 
 

@@ -28,42 +28,50 @@ INLINE VF NAME(load)(const float *p) { VF v; memcpy(&v, p, sizeof v); return v; 
 INLINE void NAME(store)(float *p, VF v) { memcpy(p, &v, sizeof v); }
 INLINE VF NAME(splat)(float x) { return (VF){0} + x; }
 
-/* Row of `n` elements of `dtype` at `src` as float32 in `dst` (zero-padded to `padded`). */
+/* LANES elements of a `dtype` row from element `d` on, as float32 (widened in registers). */
+INLINE VF NAME(load_as_float)(const void *row, int dtype, int64_t d) {
+    if (dtype == DT_BF16) {
+        NAME(vh) h; memcpy(&h, (const uint16_t *)row + d, sizeof h);
+        VU u = __builtin_convertvector(h, VU) << 16;
+        VF f; memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    if (dtype == DT_F16) {
+        NAME(vh) h; memcpy(&h, (const uint16_t *)row + d, sizeof h);
+        VU x = __builtin_convertvector(h, VU);
+        VU em = x & 0x7fffu, shifted = em << 13;
+        VF mag; memcpy(&mag, &shifted, sizeof mag);
+        mag *= 0x1p112f; /* normals and subnormals: the exponent bias moves from 15 to 127 */
+        VU bits; memcpy(&bits, &mag, sizeof bits);
+        VU special = (VU)(em >= 0x7c00u); /* infinity and NaN keep an all-ones exponent */
+        bits = (special & (shifted | 0x7f800000u)) | (~special & bits);
+        bits |= (x & 0x8000u) << 16;
+        VF f; memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    if (dtype == DT_I8) {
+        NAME(vb) b; memcpy(&b, (const int8_t *)row + d, sizeof b);
+        return __builtin_convertvector(b, VF);
+    }
+    return NAME(load)((const float *)row + d);
+}
+
+/* Row of `n` elements of `dtype` at `src` as float32 in `dst`, zero-padded to `padded` (for head dims
+ * that are not a multiple of LANES, whose vector loads would otherwise run past the row). */
 INLINE void NAME(widen)(const void *src, int dtype, int64_t n, int64_t padded, float *restrict dst) {
     int64_t d = 0;
-    if (dtype == DT_F32) {
-        memcpy(dst, src, (size_t)n * 4);
-        d = n;
-    } else if (dtype == DT_BF16) {
-        const uint16_t *s = src;
-        for (; d + LANES <= n; d += LANES) {
-            NAME(vh) h; memcpy(&h, s + d, sizeof h);
-            VU u = __builtin_convertvector(h, VU) << 16;
-            memcpy(dst + d, &u, sizeof u);
+    for (; d + LANES <= n; d += LANES) NAME(store)(dst + d, NAME(load_as_float)(src, dtype, d));
+    for (; d < n; d++) {
+        if (dtype == DT_BF16) {
+            uint32_t u = (uint32_t)((const uint16_t *)src)[d] << 16;
+            memcpy(dst + d, &u, 4);
+        } else if (dtype == DT_F16) {
+            dst[d] = half_to_float(((const uint16_t *)src)[d]);
+        } else if (dtype == DT_I8) {
+            dst[d] = (float)((const int8_t *)src)[d];
+        } else {
+            dst[d] = ((const float *)src)[d];
         }
-        for (; d < n; d++) { uint32_t u = (uint32_t)s[d] << 16; memcpy(dst + d, &u, 4); }
-    } else if (dtype == DT_F16) {
-        const uint16_t *s = src;
-        for (; d + LANES <= n; d += LANES) {
-            NAME(vh) h; memcpy(&h, s + d, sizeof h);
-            VU x = __builtin_convertvector(h, VU);
-            VU em = x & 0x7fffu, shifted = em << 13;
-            VF mag; memcpy(&mag, &shifted, sizeof mag);
-            mag *= 0x1p112f; /* normals and subnormals: the exponent bias moves from 15 to 127 */
-            VU bits; memcpy(&bits, &mag, sizeof bits);
-            VU special = (VU)(em >= 0x7c00u); /* infinity and NaN keep an all-ones exponent */
-            bits = (special & (shifted | 0x7f800000u)) | (~special & bits);
-            bits |= (x & 0x8000u) << 16;
-            memcpy(dst + d, &bits, sizeof bits);
-        }
-        for (; d < n; d++) dst[d] = half_to_float(s[d]);
-    } else { /* DT_I8 */
-        const int8_t *s = src;
-        for (; d + LANES <= n; d += LANES) {
-            NAME(vb) b; memcpy(&b, s + d, sizeof b);
-            NAME(store)(dst + d, __builtin_convertvector(b, VF));
-        }
-        for (; d < n; d++) dst[d] = (float)s[d];
     }
     for (; d < padded; d++) dst[d] = 0.0f;
 }
@@ -126,20 +134,20 @@ INLINE VF NAME(reduce)(VF *a) {
 }
 
 /* s[g * CHUNK + j] = q_g . k_j for g < groups, j < n; rows padded to `dim` (a multiple of LANES). */
-INLINE void NAME(scores)(const float *q, int64_t groups, const float *const *k, int64_t n, int64_t dim,
-                         float *restrict s) {
+INLINE void NAME(scores)(const float *q, int64_t groups, const void *const *k, int dtype, int64_t n,
+                         int64_t dim, float *restrict s) {
     for (int64_t g0 = 0; g0 < groups; g0 += 4) {
         const float *qr[4];
         for (int i = 0; i < 4; i++) qr[i] = q + (g0 + i < groups ? g0 + i : groups - 1) * dim;
         for (int64_t j0 = 0; j0 < n; j0 += JT) {
-            const float *kr[JT];
+            const void *kr[JT];
             for (int i = 0; i < JT; i++) kr[i] = k[j0 + i < n ? j0 + i : n - 1];
             VF acc[LANES];
             for (int i = 0; i < LANES; i++) acc[i] = NAME(splat)(0.0f);
             for (int64_t d = 0; d < dim; d += LANES) {
                 VF qv[4], kv[JT];
                 for (int i = 0; i < 4; i++) qv[i] = NAME(load)(qr[i] + d);
-                for (int i = 0; i < JT; i++) kv[i] = NAME(load)(kr[i] + d);
+                for (int i = 0; i < JT; i++) kv[i] = NAME(load_as_float)(kr[i], dtype, d);
                 for (int g = 0; g < 4; g++)
                     for (int j = 0; j < JT; j++) acc[g * JT + j] += qv[g] * kv[j];
             }
@@ -152,15 +160,15 @@ INLINE void NAME(scores)(const float *q, int64_t groups, const float *const *k, 
 }
 
 /* acc[g] += sum_j p[g * CHUNK + j] * v_j over a chunk, four query heads' accumulators in registers. */
-INLINE void NAME(accumulate)(float *acc, int64_t groups, const float *p, const float *const *v, int64_t n,
-                             int64_t dim) {
+INLINE void NAME(accumulate)(float *acc, int64_t groups, const float *p, const void *const *v, int dtype,
+                             int64_t n, int64_t dim) {
     int64_t g0 = 0;
     for (; g0 + 4 <= groups; g0 += 4)
         for (int64_t d = 0; d < dim; d += LANES) {
             VF a[4];
             for (int g = 0; g < 4; g++) a[g] = NAME(load)(acc + (g0 + g) * dim + d);
             for (int64_t j = 0; j < n; j++) {
-                VF x = NAME(load)(v[j] + d);
+                VF x = NAME(load_as_float)(v[j], dtype, d);
                 for (int g = 0; g < 4; g++) a[g] += p[(g0 + g) * CHUNK + j] * x;
             }
             for (int g = 0; g < 4; g++) NAME(store)(acc + (g0 + g) * dim + d, a[g]);
@@ -168,24 +176,26 @@ INLINE void NAME(accumulate)(float *acc, int64_t groups, const float *p, const f
     for (; g0 < groups; g0++)
         for (int64_t d = 0; d < dim; d += LANES) {
             VF a = NAME(load)(acc + g0 * dim + d);
-            for (int64_t j = 0; j < n; j++) a += p[g0 * CHUNK + j] * NAME(load)(v[j] + d);
+            for (int64_t j = 0; j < n; j++) a += p[g0 * CHUNK + j] * NAME(load_as_float)(v[j], dtype, d);
             NAME(store)(acc + g0 * dim + d, a);
         }
 }
 
-/* Rows of a chunk: pointers straight into a float32 pool when no widening or padding is needed. */
-INLINE void NAME(rows)(const DecodeArgs *a, const char *pool, int64_t first_row, int64_t n, int64_t dim,
-                       float *scratch, const float **out) {
+/* Rows of a chunk, and the dtype to read them as: pointers straight into the pool when the head dim is a
+ * multiple of LANES, else float32 copies padded with zeros in `scratch`. */
+INLINE int NAME(rows)(const DecodeArgs *a, const char *pool, int64_t first_row, int64_t n, int64_t dim,
+                      float *scratch, const void **out) {
     int64_t row_bytes = a->head_dim * a->elem_size, stride = a->num_kv_heads * row_bytes;
     const char *src = pool + first_row * row_bytes;
-    if (a->dtype == DT_F32 && dim == a->head_dim) {
-        for (int64_t j = 0; j < n; j++) out[j] = (const float *)(src + j * stride);
-        return;
+    if (dim == a->head_dim) {
+        for (int64_t j = 0; j < n; j++) out[j] = src + j * stride;
+        return a->dtype;
     }
     for (int64_t j = 0; j < n; j++) {
         NAME(widen)(src + j * stride, a->dtype, a->head_dim, dim, scratch + j * dim);
         out[j] = scratch + j * dim;
     }
+    return DT_F32;
 }
 
 /* Ask for one KV head's rows of a later block while this one computes: the blocks of a sequence lie
@@ -234,7 +244,7 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
     const int64_t dim = (hd + LANES - 1) / LANES * LANES, state = groups * dim;
     float *q = work, *acc = q + per * state, *s = acc + per * state, *kbuf = s + groups * CHUNK;
     float *vbuf = kbuf + CHUNK * dim, *m = vbuf + CHUNK * dim, *l = m + per * groups;
-    const float *krow[CHUNK], *vrow[CHUNK];
+    const void *krow[CHUNK], *vrow[CHUNK];
     for (int64_t item = begin; item < end; item++) {
         const int64_t b = item / slices, h0 = item % slices * per, h1 = h0 + per < kvh ? h0 + per : kvh;
         const int64_t last = a->seq_lens[b] - 1;
@@ -265,13 +275,13 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
                     NAME(prefetch)(a, a->k, next, h);
                     NAME(prefetch)(a, a->v, next, h);
                 }
-                NAME(rows)(a, a->k, row, n, dim, kbuf, krow);
-                NAME(scores)(q + i * state, groups, krow, n, dim, s);
+                int dtype = NAME(rows)(a, a->k, row, n, dim, kbuf, krow);
+                NAME(scores)(q + i * state, groups, krow, dtype, n, dim, s);
                 for (int64_t g = 0; g < groups; g++)
                     NAME(softmax_step)(a, s + g * CHUNK, n, ks, vs, m + i * groups + g, l + i * groups + g,
                                        acc + i * state + g * dim, dim);
-                NAME(rows)(a, a->v, row, n, dim, vbuf, vrow);
-                NAME(accumulate)(acc + i * state, groups, s, vrow, n, dim);
+                dtype = NAME(rows)(a, a->v, row, n, dim, vbuf, vrow);
+                NAME(accumulate)(acc + i * state, groups, s, vrow, dtype, n, dim);
             }
             pos += n;
         }
