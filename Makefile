@@ -10,7 +10,9 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: test test-all demo bench lint install clean
 
-$(STAMP): requirements-dev.txt pyproject.toml $(wildcard backends/*/pyproject.toml) conformance/pyproject.toml
+# backends' C sources too: an editable install compiles them once, so a change needs a reinstall
+$(STAMP): requirements-dev.txt pyproject.toml $(wildcard backends/*/pyproject.toml backends/*/setup.py backends/*/csrc/*) \
+		conformance/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps $(foreach p,$(PACKAGES),-e $(p))

@@ -23,7 +23,8 @@ class TorchBackend:
     """PyTorch on ``cpu``, ``cuda:N`` and ``mps``.
 
     ``attention`` picks its kernel per device (Triton on CUDA when importable,
-    torch ops elsewhere); build ``TorchAttention(kernel=...)`` to force one.
+    the compiled decode on CPU pools when built, torch ops elsewhere); build
+    ``TorchAttention(kernel=...)`` to force one.
     """
 
     name = "torch"

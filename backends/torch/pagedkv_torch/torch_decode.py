@@ -1,4 +1,4 @@
-"""Paged decode with torch ops (the CPU kernel; also the fallback on CUDA/MPS without Triton).
+"""Paged decode with torch ops: the fallback where the compiled CPU kernel was not built, and CUDA/MPS without Triton.
 
 Decode is memory-bound: the cost is reading each K/V block once. Rows (one
 query per sequence) are sorted longest first and cut into *tiles* of
