@@ -9,6 +9,6 @@ import sys
 
 from setuptools import Extension, setup
 
-flags = [] if sys.platform == "win32" else ["-O3", "-fno-strict-aliasing"]
+flags = [] if sys.platform == "win32" else ["-O3", "-fno-strict-aliasing", "-Wno-psabi"]
 setup(ext_modules=[Extension("pagedkv_torch._cpu_decode", ["csrc/cpu_decode.c"], depends=["csrc/cpu_decode_kernel.h"],
                              extra_compile_args=flags, optional=True)])

@@ -12,9 +12,11 @@
  * contiguous CPU tensors' addresses; the GIL is released while the kernel runs,
  * so Python threads can decode disjoint item ranges in parallel.
  *
- * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at run
- * time from the CPU's features, and a portable 8-lane build (NEON on arm64,
- * SSE2 elsewhere) through GCC/Clang vector extensions.
+ * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at
+ * import from CPUID, and a portable 8-lane build (NEON on arm64, SSE2
+ * elsewhere), all written with GCC/Clang vector extensions. (setup.py passes
+ * -Wno-psabi: the helpers taking vectors are always inlined, so the generic
+ * variant's 32-byte vectors never cross a call ABI.)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -59,9 +61,12 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-/* the vector helpers are always inlined, so the generic variant's wider-than-SSE vectors never cross an ABI */
-#pragma GCC diagnostic ignored "-Wpsabi"
+/* Two-vector lane shuffles: Clang and GCC 12+ spell them __builtin_shufflevector, older GCC
+ * __builtin_shuffle with an index vector (PKV_GCC_SHUFFLE forces that form, to test it). */
+#if defined(PKV_GCC_SHUFFLE) || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 12)
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (VI){__VA_ARGS__})
+#else
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #endif
 
 #define CAT_(a, b) a##b
@@ -96,36 +101,49 @@ static float half_to_float(uint16_t h) {
 
 typedef void (*DecodeFn)(const DecodeArgs *, int64_t, int64_t, float *);
 
-static DecodeFn pick(const char **name) {
+enum { LEVEL_GENERIC = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
+
 #ifdef HAVE_X86_VARIANTS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-        *name = "avx512";
-        return decode_items_avx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        *name = "avx2";
-        return decode_items_avx2;
-    }
-#endif
-    *name = "generic";
-    return decode_items_generic;
+#include <cpuid.h>
+
+/* Whether the OS saves the register state `mask` of XCR0 on context switches (else AVX is unusable). */
+static int os_saves(uint64_t mask) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((((uint64_t)hi << 32) | lo) & mask) == mask;
 }
 
-static DecodeFn chosen;
-static const char *chosen_name;
-
-static DecodeFn variant(const char *requested) {
-    if (requested == NULL || strcmp(requested, "auto") == 0) return chosen;
-    if (strcmp(requested, "generic") == 0) return decode_items_generic;
-#ifdef HAVE_X86_VARIANTS
-    __builtin_cpu_init();
-    if (strcmp(requested, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return decode_items_avx2;
-    if (strcmp(requested, "avx512") == 0 && chosen == decode_items_avx512) return decode_items_avx512;
+/* The best variant this CPU and OS run, from CPUID itself (compiler runtimes differ in
+ * whether __builtin_cpu_supports is initialised inside a shared library). */
+static int cpu_level(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return LEVEL_GENERIC;
+    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(fma && osxsave && avx && f16c) || !os_saves(0x6)) return LEVEL_GENERIC;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 5) & 1)) return LEVEL_GENERIC;
+    const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1); /* F DQ BW VL */
+    return avx512 && os_saves(0xe6) ? LEVEL_AVX512 : LEVEL_AVX2;
+}
+#else
+static int cpu_level(void) { return LEVEL_GENERIC; }
 #endif
-    return NULL;
+
+static const char *const LEVEL_NAMES[] = {"generic", "avx2", "avx512"};
+static int level;
+
+/* The kernel of variant `requested` (NULL or "auto": the best this CPU runs), or NULL if it cannot run. */
+static DecodeFn variant(const char *requested) {
+    int want = level;
+    if (requested != NULL && strcmp(requested, "auto") != 0) {
+        for (want = LEVEL_AVX512; want >= 0 && strcmp(requested, LEVEL_NAMES[want]) != 0; want--) {
+        }
+        if (want < 0 || want > level) return NULL;
+    }
+#ifdef HAVE_X86_VARIANTS
+    if (want == LEVEL_AVX512) return decode_items_avx512;
+    if (want == LEVEL_AVX2) return decode_items_avx2;
+#endif
+    return decode_items_generic;
 }
 
 static PyObject *py_decode(PyObject *self, PyObject *args) {
@@ -182,10 +200,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__cpu_decode(void) {
-    chosen = pick(&chosen_name);
+    level = cpu_level();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddStringConstant(m, "VARIANT", chosen_name) < 0 ||
+    if (PyModule_AddStringConstant(m, "VARIANT", LEVEL_NAMES[level]) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", CHUNK) < 0) {
         Py_DECREF(m);
         return NULL;
