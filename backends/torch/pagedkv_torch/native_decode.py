@@ -34,7 +34,8 @@ try:
     from . import _cpu_decode
 except ImportError as exc:  # built without a C compiler, or from a tree that was never built
     _cpu_decode = None
-    _MISSING = f"the native CPU kernel was not built ({exc}); reinstall pagedkv-torch with a C compiler present"
+    _MISSING = (f"the compiled CPU decode kernel is missing ({exc}); reinstall pagedkv-torch from source "
+                "with a C compiler (GCC or Clang) present")
 else:
     _MISSING = None
 
@@ -97,6 +98,7 @@ class NativeDecodePlan(TorchPlanBase):
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
 _pool_lock = threading.Lock()
 
 
@@ -116,17 +118,19 @@ def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -
         _cpu_decode.decode(*args, per, *numbers, 0, items, variant)
         return
     step = max(1, min(ITEMS_PER_TASK, items // threads))
-    tasks = [_executor(threads).submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant)
+    pool = _executor(threads)
+    tasks = [pool.submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant)
              for i in range(0, items, step)]
     for task in tasks:
         task.result()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool
+    """One pool for the process, rebuilt when ``torch.set_num_threads`` changed the count."""
+    global _pool, _pool_threads
     with _pool_lock:
-        if _pool is None or _pool._max_workers != threads:
+        if _pool is None or _pool_threads != threads:
             if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagedkv-decode")
+                _pool.shutdown(wait=False)  # tasks already queued on it still run
+            _pool, _pool_threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagedkv-decode"), threads
         return _pool
