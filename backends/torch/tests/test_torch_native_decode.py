@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -175,3 +177,39 @@ def test_unknown_variant_is_refused(backend):
     q, _ = random_query(backend, batch, rng, 2, "float32")
     with pytest.raises(ValueError, match="not available"):
         _decode(batch, q, 0, "sve2")
+
+
+@st.composite
+def _cases(draw):
+    kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    head_dim, block_size = draw(st.integers(1, 70)), draw(st.integers(1, 24))
+    lens = draw(st.lists(st.integers(1, 90), min_size=1, max_size=4))
+    params = {}
+    if draw(st.booleans()):
+        params["sliding_window"] = draw(st.integers(1, 100))
+    if draw(st.booleans()):
+        params["soft_cap"] = draw(st.floats(0.5, 30.0))
+    dtype = draw(st.sampled_from(DTYPES))
+    return kv_heads, group, head_dim, block_size, lens, params, dtype, draw(st.sampled_from(AVAILABLE)), draw(
+        st.integers(1, 3)), draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_cases())
+def test_random_batches_match_the_oracle(backend, case):
+    """Any head count, head dim, block size, ragged lengths, window and cap, on 1-3 threads."""
+    kv_heads, group, head_dim, block_size, lens, params, dtype, variant, threads, seed = case
+    rng = np.random.default_rng(seed)
+    blocks = sum(-(-n // block_size) for n in lens)
+    config = make_config(dtype, layers=1, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                         blocks=blocks + 3)
+    batch = make_batch(backend, config, rng, lens, pad_value=10**6)
+    q, q_np = random_query(backend, batch, rng, kv_heads * group, "float32" if dtype == "int8" else dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _decode(batch, q, 0, variant, **params)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, **params), dtype,
+                 f"native {variant} {case}")
