@@ -121,8 +121,10 @@ def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -
     pool = _executor(threads)
     tasks = [pool.submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant)
              for i in range(0, items, step)]
-    for task in tasks:
-        task.result()
+    errors = [task.exception() for task in tasks]  # wait for every task: they all write into `out`
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

@@ -171,12 +171,19 @@ def test_missing_extension_falls_back_with_the_reason(backend, monkeypatch):
         TorchAttention("native").plan(storage, np.array([[0]]), np.array([3]))
 
 
-def test_unknown_variant_is_refused(backend):
+@pytest.mark.parametrize("threads_", [1, 3])
+def test_unknown_variant_is_refused(backend, threads_):
+    """Refused on every thread, and only after all of the step's tasks have returned."""
     rng = np.random.default_rng(67)
-    batch = make_batch(backend, make_config(), rng, [12])
+    batch = make_batch(backend, make_config(), rng, [12, 5, 30])
     q, _ = random_query(backend, batch, rng, 2, "float32")
-    with pytest.raises(ValueError, match="not available"):
-        _decode(batch, q, 0, "sve2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_)
+    try:
+        with pytest.raises(ValueError, match="not available"):
+            _decode(batch, q, 0, "sve2")
+    finally:
+        torch.set_num_threads(before)
 
 
 @st.composite
