@@ -8,9 +8,10 @@
  * products, so narrow pools read fewer bytes and nothing else grows.
  *
  * The module is plain C over raw pointers (no torch headers): the Python side
- * (pagedkv_torch.native_decode) validates every argument and hands over
- * contiguous CPU tensors' addresses; the GIL is released while the kernel runs,
- * so Python threads can decode disjoint item ranges in parallel.
+ * (pagedkv_torch.native_decode) hands over the addresses of contiguous CPU
+ * tensors of a batch that check_batch and the plan's query check validated, so
+ * every block id and length read here is in range; the GIL is released while
+ * the kernel runs, so Python threads can decode disjoint item ranges at once.
  *
  * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at
  * import from CPUID, and a portable 8-lane build (NEON on arm64, SSE2

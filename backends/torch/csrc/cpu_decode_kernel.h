@@ -5,11 +5,12 @@
  *   TARGET  a function attribute selecting the instruction set (may be empty)
  *   NAME(x) x with the variant's suffix
  *
- * Per (sequence, KV head) item, the visible tokens are walked in chunks of at
- * most CHUNK tokens of one block, with an online softmax (running max, sum and
- * rescaled accumulator, as flash-decoding does): every K and V row is read from
- * the pool once, widened to float32 in registers or in a chunk-sized scratch
- * that stays in L1, and used by all query heads of its group.
+ * An item is a sequence and a slice of its KV heads. Its visible tokens are
+ * walked in chunks of at most CHUNK tokens of one block, with an online softmax
+ * per query head (running max, sum and rescaled accumulator, as flash-decoding
+ * does): every K and V row is read from the pool once, widened to float32 in
+ * registers (or, for head dims that are not a multiple of LANES, in an
+ * L1-sized scratch), and used by all query heads of its group.
  */
 
 typedef float NAME(vf) __attribute__((vector_size(LANES * 4)));
@@ -76,11 +77,11 @@ INLINE void NAME(widen)(const void *src, int dtype, int64_t n, int64_t padded, f
     for (; d < padded; d++) dst[d] = 0.0f;
 }
 
-/* exp(x), relative error ~2e-7; 0 below -87.3 (including -inf). Cephes' expf polynomial. */
+/* exp(x) for x <= 0 (every caller subtracts a maximum first), relative error ~2e-7; 0 below -87.3,
+ * including -inf. Cephes' expf polynomial after a round-to-nearest range reduction. */
 INLINE VF NAME(exp)(VF x) {
     VI dead = x < -87.3f;
     x = (VF)((dead & (VI)NAME(splat)(-87.3f)) | (~dead & (VI)x));
-    x = (VF)(((VI)(x > 88.3f) & (VI)NAME(splat)(88.3f)) | (~(VI)(x > 88.3f) & (VI)x));
     VF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
     VF r = x - n * 0.693359375f + n * 2.12194440e-4f;
     VF p = NAME(splat)(1.9875691500e-4f);
