@@ -103,11 +103,11 @@ def test_storage_refuses_dtypes_it_cannot_hold(backend):
             backend.create_storage(make_config(dtype), "cpu")
 
 
-def _decode(storage, **kw):
+def _decode(storage, kernel="torch", **kw):
     args = dict(q=torch.ones(2, 4, 32), layer=0, block_tables=np.array([[0, 1], [2, 3]]),
                 seq_lens=np.array([9, 3]))
     args.update(kw)
-    return TorchAttention("torch").decode(args["q"], storage, args["layer"], args["block_tables"], args["seq_lens"])
+    return TorchAttention(kernel).decode(args["q"], storage, args["layer"], args["block_tables"], args["seq_lens"])
 
 
 ATTENTION = {
@@ -123,12 +123,13 @@ ATTENTION = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["torch", "auto"], ids=["torch ops", "auto (the compiled kernel where built)"])
 @pytest.mark.parametrize("case", list(ATTENTION), ids=list(ATTENTION))
-def test_bad_attention_input(storage, case):
+def test_bad_attention_input(storage, case, kernel):
     kw, error = ATTENTION[case]
     if case == "q of another dtype" and storage.quantized:
         kw = dict(q=torch.ones(2, 4, 32, dtype=torch.int32))
-    _unchanged(storage, lambda: _decode(storage, **kw), error)
+    _unchanged(storage, lambda: _decode(storage, kernel, **kw), error)
 
 
 def test_bad_attention_parameters(storage):
