@@ -82,22 +82,27 @@ static float half_to_float(uint16_t h) {
 #undef NAME
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
 #define HAVE_X86_VARIANTS 1
 #define LANES 8
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define NAME(x) CAT(x, _avx2)
+#define CVT_HALF(p) ((vf_avx2)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #include "cpu_decode_kernel.h"
 #undef LANES
 #undef TARGET
 #undef NAME
+#undef CVT_HALF
 
 #define LANES 16
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define NAME(x) CAT(x, _avx512)
+#define CVT_HALF(p) ((vf_avx512)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #include "cpu_decode_kernel.h"
 #undef LANES
 #undef TARGET
 #undef NAME
+#undef CVT_HALF
 #endif
 
 typedef void (*DecodeFn)(const DecodeArgs *, int64_t, int64_t, float *);

@@ -4,6 +4,8 @@
  *           LANES/4 tokens, so its LANES dot products reduce into one vector
  *   TARGET  a function attribute selecting the instruction set (may be empty)
  *   NAME(x) x with the variant's suffix
+ *   CVT_HALF(p) optional: LANES float16 values at p as a float32 vector, in one
+ *           instruction (else integer bit operations widen them)
  *
  * An item is a sequence and a slice of its KV heads. Its visible tokens are
  * walked in chunks of at most CHUNK tokens of one block, with an online softmax
@@ -38,6 +40,9 @@ INLINE VF NAME(load_as_float)(const void *row, int dtype, int64_t d) {
         return f;
     }
     if (dtype == DT_F16) {
+#ifdef CVT_HALF
+        return CVT_HALF((const uint16_t *)row + d); /* one vcvtph2ps */
+#else
         NAME(vh) h; memcpy(&h, (const uint16_t *)row + d, sizeof h);
         VU x = __builtin_convertvector(h, VU);
         VU em = x & 0x7fffu, shifted = em << 13;
@@ -49,6 +54,7 @@ INLINE VF NAME(load_as_float)(const void *row, int dtype, int64_t d) {
         bits |= (x & 0x8000u) << 16;
         VF f; memcpy(&f, &bits, sizeof f);
         return f;
+#endif
     }
     if (dtype == DT_I8) {
         NAME(vb) b; memcpy(&b, (const int8_t *)row + d, sizeof b);
