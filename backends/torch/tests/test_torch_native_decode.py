@@ -220,3 +220,14 @@ def test_random_batches_match_the_oracle(backend, case):
         torch.set_num_threads(before)
     assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, **params), dtype,
                  f"native {variant} {case}")
+
+
+def test_reasons_name_the_device_or_dtype_the_kernel_cannot_read():
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(torch_device=torch.device("cuda", 0), dtype=torch.float16,
+                           config=SimpleNamespace(dtype="float16"))
+    assert "cuda:0" in native_unavailable_reason(cuda)
+    fp8 = SimpleNamespace(torch_device=torch.device("cpu"), dtype=torch.float8_e4m3fn,
+                          config=SimpleNamespace(dtype="float8_e4m3fn"))
+    assert "float8_e4m3fn" in native_unavailable_reason(fp8)
