@@ -4,9 +4,8 @@ Shapes of issue 4. CPU: decode of 8 sequences x 2,048 tokens (float32 and
 bfloat16; "paged" is the default kernel, the compiled one where it was built,
 and "paged torch-ops" the torch-op kernel beside it) and causal prefill of
 1 x 2,048 (float32); CUDA: decode of 32 x 4,096 in float16 (skipped without a
-GPU). 32 query / 8 KV heads, head dim
-128, block size 16; the pool holds twice the blocks the batch uses and hands
-them out shuffled. The peer is ``scaled_dot_product_attention`` (with
+GPU). 32 query / 8 KV heads, head dim 128, block size 16; the pool holds twice
+the blocks the batch uses and hands them out shuffled. The peer is ``scaled_dot_product_attention`` (with
 ``enable_gqa``) on ``[batch, kv_heads, seq, head_dim]`` contiguous tensors.
 Every paged benchmark checks its output against the peer before timing it.
 
