@@ -201,10 +201,25 @@ def _cases(draw):
         st.integers(1, 3)), draw(st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=60, **_SETTINGS)
 @given(_cases())
 def test_random_batches_match_the_oracle(backend, case):
     """Any head count, head dim, block size, ragged lengths, window and cap, on 1-3 threads."""
+    _check_random_batch(backend, case)
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, **_SETTINGS)
+@given(_cases())
+def test_random_batches_match_the_oracle_long_sweep(backend, case):
+    """The same property over 2,000 examples (``make test-all``)."""
+    _check_random_batch(backend, case)
+
+
+def _check_random_batch(backend, case):
     kv_heads, group, head_dim, block_size, lens, params, dtype, variant, threads, seed = case
     rng = np.random.default_rng(seed)
     blocks = sum(-(-n // block_size) for n in lens)
