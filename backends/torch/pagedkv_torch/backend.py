@@ -14,9 +14,17 @@ from pagedkv_core.errors import BackendUnavailable
 from .attention import TorchAttention
 from .convert import to_numpy, to_tensor
 from .devices import float_dtypes, known_devices, parse_device, probe_device, quantized_dtypes
+from .native_decode import native_variant
 from .storage import TorchStorage
 
 __all__ = ["TorchBackend"]
+
+
+def _version() -> str:
+    """torch's version and which CPU decode runs (what ``pagedkv backends`` prints for this backend)."""
+    variant = native_variant()
+    cpu = f"compiled CPU decode ({variant})" if variant else "CPU decode on torch ops (compiled kernel not built)"
+    return f"{torch.__version__}, {cpu}"
 
 
 class TorchBackend:
@@ -28,7 +36,7 @@ class TorchBackend:
     """
 
     name = "torch"
-    version = torch.__version__
+    version = _version()
 
     def __init__(self) -> None:
         self.attention = TorchAttention()

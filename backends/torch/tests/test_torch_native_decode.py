@@ -246,3 +246,7 @@ def test_reasons_name_the_device_or_dtype_the_kernel_cannot_read():
     fp8 = SimpleNamespace(torch_device=torch.device("cpu"), dtype=torch.float8_e4m3fn,
                           config=SimpleNamespace(dtype="float8_e4m3fn"))
     assert "float8_e4m3fn" in native_unavailable_reason(fp8)
+
+
+def test_pagedkv_backends_says_which_cpu_decode_runs(backend):
+    assert backend.version.endswith(f"compiled CPU decode ({native_variant()})")
