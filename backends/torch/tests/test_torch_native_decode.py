@@ -11,6 +11,8 @@ after ``seq_len`` in a sequence's last block.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,12 +41,21 @@ FEATURES = {
 }
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """Run the body with ``n`` torch threads (the kernel splits items across that many)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
 def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with _torch_threads(request.param):
+        yield request.param
 
 
 def _decode(batch, q, layer, variant="auto", **kw):
@@ -177,13 +188,8 @@ def test_unknown_variant_is_refused(backend, threads_):
     rng = np.random.default_rng(67)
     batch = make_batch(backend, make_config(), rng, [12, 5, 30])
     q, _ = random_query(backend, batch, rng, 2, "float32")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads_)
-    try:
-        with pytest.raises(ValueError, match="not available"):
-            _decode(batch, q, 0, "sve2")
-    finally:
-        torch.set_num_threads(before)
+    with _torch_threads(threads_), pytest.raises(ValueError, match="not available"):
+        _decode(batch, q, 0, "sve2")
 
 
 @st.composite
@@ -227,12 +233,8 @@ def _check_random_batch(backend, case):
                          blocks=blocks + 3)
     batch = make_batch(backend, config, rng, lens, pad_value=10**6)
     q, q_np = random_query(backend, batch, rng, kv_heads * group, "float32" if dtype == "int8" else dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         out = _decode(batch, q, 0, variant, **params)
-    finally:
-        torch.set_num_threads(before)
     assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, **params), dtype,
                  f"native {variant} {case}")
 
