@@ -8,7 +8,7 @@ PYTEST_FLAGS ?=
 # and spinning BLAS threads on a shared 2-core machine slow everything down several times.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: test test-all demo bench lint install clean
+.PHONY: test test-all demo bench lint install clean wheels
 
 # backends' C sources too: an editable install compiles them once, so a change needs a reinstall
 $(STAMP): requirements-dev.txt pyproject.toml $(wildcard backends/*/pyproject.toml backends/*/setup.py backends/*/csrc/*) \
@@ -31,6 +31,10 @@ test-all: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/pagedkv demo
+
+# build every distribution's sdist + wheel; install core + numpy + conformance wheels in a fresh venv; run them
+wheels: $(STAMP)
+	PY=$(PY) .ci/wheels
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s -m benchmark --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_FLAGS)
