@@ -24,23 +24,33 @@ EXAMPLES = {
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
+    """The table of backends, built-in ones not installed included; exit 1 when none is usable here."""
     from .plugins import default_registry
 
     registry = default_registry()
+    statuses = registry.available_backends()
     rows = [("backend", "available", "devices", "version / reason")]
-    for name, status in registry.available_backends().items():
+    for name, status in statuses.items():
         devices = ", ".join(f"{d}{'' if p.available else ' (no)'}" for d, p in status.devices) or "-"
         detail = status.version if status.available else status.reason
         rows.append((name, "yes" if status.available else "no", devices, detail))
+    for name, line in registry.not_installed().items():
+        rows.append((name, "no", "-", f"not installed: {line}"))
     for name, error in registry.plugin_errors.items():
         rows.append((name, "no", "-", f"plugin failed to load: {error}"))
+    for name, why in registry.plugin_refusals.items():
+        rows.append((name, "no", "-", f"plugin {why}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
-    for name, status in registry.available_backends().items():
+    for name, status in statuses.items():
         for device, probe in status.devices:
             if not probe.available:
                 print(f"  {name}:{device}: {probe.reason}")
+    if not any(status.available for status in statuses.values()):
+        print("pagedkv: no usable backend here; install one of the above (pagedkv-numpy runs anywhere)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -60,11 +70,13 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
         from pagedkv_conformance.runner import run_conformance
     except ImportError as exc:
         raise PagedKvError(f"the conformance suite is not installed ({exc}); pip install pagedkv-conformance") from exc
-    from .plugins import get_backend
+    from pagedkv_conformance.targets import check_request
 
-    if args.backend:
-        get_backend(args.backend)  # unknown name: the one-line error with the known ones
-    return run_conformance(args.backend, args.device, args.dtype, args.full, args.pytest_args)
+    from .plugins import default_registry
+
+    dtypes = [d.strip() for opt in args.dtype for d in opt.split(",") if d.strip()]
+    check_request(default_registry(), args.backend, args.device, dtypes)  # typos: one line, before pytest
+    return run_conformance(args.backend, args.device, dtypes, args.full, args.pytest_args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -73,9 +85,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     plot = None if args.plot == "" else Path(args.plot)
-    code = run_bench(Path(args.root), args.backend, Path(args.out), plot, args.pytest_args)
-    print(f"wrote {args.out}" + (f" and {args.plot}" if plot else ""))
-    return code
+    result = run_bench(Path(args.root), args.backend, Path(args.out), plot, args.pytest_args)
+    if result.written:
+        print("wrote " + " and ".join(str(path) for path in result.written))
+    for note in result.notes:
+        print(f"pagedkv: {note}", file=sys.stderr)
+    return result.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a pagedkv error is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except PagedKvError as exc:
         print(f"pagedkv: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pagedkv: {args.command} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ __all__ = [
     "PagedKvError",
     "OutOfBlocks",
     "OutOfHostBlocks",
+    "InsufficientMemory",
     "UnknownSequence",
+    "StaleHandle",
     "SequenceExists",
     "SequenceNotResident",
     "InvalidBlock",
@@ -23,6 +25,7 @@ __all__ = [
     "UnknownBackend",
     "UnsupportedOperation",
     "InvalidArgument",
+    "NonFiniteValue",
     "ShapeMismatch",
     "DTypeMismatch",
     "DeviceMismatch",
@@ -31,6 +34,7 @@ __all__ = [
     "RanksDiverged",
     "CorruptRemoteBlock",
     "RemoteTierError",
+    "UntrustedCacheFile",
 ]
 
 
@@ -40,6 +44,20 @@ class PagedKvError(Exception):
 
 class InvalidArgument(PagedKvError, ValueError):
     """An argument is outside what the operation accepts."""
+
+
+class NonFiniteValue(InvalidArgument):
+    """A quantized pool was given inf or NaN; nothing was written.
+
+    An int8 block shares one scale per KV head across its tokens: one
+    infinite value would make that scale infinite and every earlier token of
+    the block NaN. So every backend refuses the whole write instead.
+    """
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        super().__init__(f"k or v holds inf or NaN, which a {dtype} pool cannot store (its per-block scale would "
+                         "wipe the block's other tokens); nothing was written")
 
 
 class OutOfBlocks(PagedKvError):
@@ -58,6 +76,20 @@ class OutOfHostBlocks(OutOfBlocks):
         super().__init__(needed, available, what="host blocks")
 
 
+class InsufficientMemory(PagedKvError, MemoryError):
+    """An allocation was refused before it was made: its bytes exceed what the device has (or the cap allows)."""
+
+    def __init__(self, what: str, needed: int, available: int, device: str, why: str = "free") -> None:
+        from .memory import format_bytes
+
+        self.what = what
+        self.needed = needed
+        self.available = available
+        self.device = device
+        super().__init__(f"{what} need {format_bytes(needed)} ({needed:,} bytes) on {device}, but only "
+                         f"{format_bytes(available)} ({available:,} bytes) is {why}; use fewer or smaller blocks")
+
+
 class UnknownSequence(PagedKvError, KeyError):
     """No sequence is registered under this request id."""
 
@@ -67,6 +99,14 @@ class UnknownSequence(PagedKvError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
+
+
+class StaleHandle(UnknownSequence):
+    """A handle outlived its sequence: it was deallocated (and the id perhaps admitted again)."""
+
+    def __init__(self, request_id: object) -> None:
+        super().__init__(request_id)
+        self.args = (f"stale handle: sequence {request_id!r} it was made for is gone (deallocated or replaced)",)
 
 
 class SequenceExists(PagedKvError):
@@ -127,16 +167,26 @@ class BackendUnavailable(PagedKvError):
 
 
 class UnknownBackend(PagedKvError, KeyError):
-    """No backend is registered under this name."""
+    """No backend is registered under this name.
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    ``suggestion`` is the closest known name (a typo's likely meaning), and
+    ``install_hint`` how to install the built-in backend meant, when it is
+    not installed; neither is ever made up from the unknown name.
+    """
+
+    def __init__(self, name: str, known: list[str], *, suggestion: str | None = None,
+                 install_hint: str = "") -> None:
         self.name = name
         self.known = known
-        listing = ", ".join(sorted(known)) or "none"
-        super().__init__(
-            f"unknown backend {name!r}; known: {listing} "
-            f"(install one with: pip install pagedkv-{name})"
-        )
+        self.suggestion = suggestion
+        self.install_hint = install_hint
+        listing = ", ".join(sorted(known)) or "none installed"
+        message = f"unknown backend {name!r}; known: {listing}"
+        if suggestion is not None and suggestion != name:
+            message += f"; did you mean {suggestion!r}?"
+        if install_hint:
+            message += f" ({suggestion or name!r} is not installed: {install_hint})"
+        super().__init__(message)
 
     def __str__(self) -> str:
         return self.args[0]
@@ -180,3 +230,11 @@ class CorruptRemoteBlock(PagedKvError):
 
 class RemoteTierError(PagedKvError):
     """The remote tier's server could not be reached or answered with an error; callers count it as a miss."""
+
+
+class UntrustedCacheFile(CorruptCacheFile):
+    """An ``hmac_key`` was given and the cache file is unsigned or signed with another key; nothing was loaded.
+
+    The SHA-256 checksum only detects damage (anyone can recompute it); the
+    HMAC is what tells a file this deployment wrote from a foreign one.
+    """

@@ -5,10 +5,15 @@ fails to import is recorded with its error and the others keep working;
 ``PAGEDKV_BLOCKED_PLUGINS`` (comma-separated entry-point names) switches
 plugins off. Tests and third parties may ``register`` a plugin module, a
 :class:`BackendSpec`, or a ready :class:`Backend` object directly.
+
+A backend name belongs to one plugin: an installed plugin that offers a name
+another already provides is refused (built-in distributions load first), so
+which code runs never depends on installation order.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
 import types
@@ -21,11 +26,12 @@ import pluggy
 
 from . import hookspecs
 from .backend import Backend, BackendSpec, Probe
-from .errors import BackendUnavailable, UnknownBackend
+from .errors import BackendUnavailable, InvalidArgument, UnknownBackend
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "BLOCK_ENV",
+    "BUILTIN_BACKENDS",
     "BackendStatus",
     "BackendRegistry",
     "default_registry",
@@ -36,6 +42,17 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "pagedkv.backends"
 BLOCK_ENV = "PAGEDKV_BLOCKED_PLUGINS"
+
+BUILTIN_BACKENDS: Mapping[str, str] = types.MappingProxyType({
+    "numpy": "pip install pagedkv-numpy (from a pagedkv checkout: pip install ./backends/numpy)",
+    "torch": "pip install pagedkv-torch (from a pagedkv checkout: pip install ./backends/torch)",
+    "mlx": 'pip install pagedkv-mlx (from a pagedkv checkout: pip install ./backends/mlx; '
+           'on Linux first pip install "mlx[cpu]")',
+    "cupy": "pip install 'pagedkv-cupy[cuda12x]' (from a pagedkv checkout: pip install './backends/cupy[cuda12x]'; "
+            "[cuda13x] for CUDA 13)",
+})
+"""The backends this project ships, each with its install line (``pagedkv backends`` lists missing ones)."""
+_BUILTIN_DISTRIBUTIONS = frozenset(f"pagedkv-{name}" for name in BUILTIN_BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +85,8 @@ class BackendRegistry:
         self.plugin_manager = pluggy.PluginManager("pagedkv")
         self.plugin_manager.add_hookspecs(hookspecs)
         self.plugin_errors: dict[str, str] = {}
+        self.plugin_refusals: dict[str, str] = {}  # entry point -> why it was not registered
+        self._providers: dict[str, str] = {}  # backend name -> the entry point that provides it
         self._loaded: dict[str, Backend] = {}
         self._load_errors: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -82,15 +101,29 @@ class BackendRegistry:
         # pluggy's load_setuptools_entrypoints stops at the first plugin that
         # fails to import; we load one by one so a broken plugin is reported,
         # not fatal.
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # The built-in distributions first, so a third-party plugin cannot take over their names.
+        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                              key=lambda ep: _distribution(ep) not in _BUILTIN_DISTRIBUTIONS)
+        for ep in entry_points:
             if self.plugin_manager.is_blocked(ep.name) or self.plugin_manager.has_plugin(ep.name):
                 continue
             try:
                 plugin = ep.load()
+                names = [spec.name for spec in _specs_of(plugin)]
             except Exception as exc:  # any import error of a third-party plugin
                 self.plugin_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                 continue
+            taken = [n for n in names if n in self._providers]
+            if taken:
+                owner = self._providers[taken[0]]
+                self.plugin_refusals[ep.name] = (
+                    f"refused: it offers backend {taken[0]!r}, which {owner} already provides; uninstall one "
+                    f"of them, or switch this one off with {BLOCK_ENV}={ep.name}")
+                continue
             self.plugin_manager.register(plugin, name=ep.name)
+            dist = _distribution(ep)
+            for n in names:
+                self._providers[n] = f"plugin {ep.name!r}" + (f" (distribution {dist})" if dist else "")
 
     def register(self, obj: Any, *, name: str | None = None, replace: bool = False) -> None:
         """Register a plugin module/object, a :class:`BackendSpec` or a :class:`Backend`.
@@ -109,7 +142,7 @@ class BackendRegistry:
             new_names = [s.name for s in specs] if specs else [s.name for s in _specs_of(obj)]
             clash = [n for n in new_names if n in self.specs()]
             if clash and not replace:
-                raise ValueError(f"backend {clash[0]!r} is already registered (pass replace=True)")
+                raise InvalidArgument(f"backend {clash[0]!r} is already registered (pass replace=True)")
             for n in clash:
                 self._unregister_backend(n)
             plugin = _DirectSpecs(specs) if specs is not None else obj
@@ -141,6 +174,21 @@ class BackendRegistry:
     def names(self) -> list[str]:
         return sorted(self.specs())
 
+    def not_installed(self) -> dict[str, str]:
+        """Built-in backends that no installed plugin provides here: name -> the line that installs it."""
+        blocked = self.plugin_manager.is_blocked
+        known = self.specs()
+        return {name: line for name, line in BUILTIN_BACKENDS.items() if name not in known and not blocked(name)}
+
+    def unknown(self, name: str) -> UnknownBackend:
+        """The error for a name nobody provides, with the closest known or built-in name, never a made-up one."""
+        known = self.names()
+        missing = self.not_installed()
+        close = difflib.get_close_matches(name, [*known, *missing], n=1, cutoff=0.6)
+        suggestion = close[0] if close else None
+        hint = missing.get(suggestion or name, "")
+        return UnknownBackend(name, known, suggestion=suggestion, install_hint=hint)
+
     def get(self, name: str) -> Backend:
         """Build (once) and return the backend called ``name``.
 
@@ -152,7 +200,7 @@ class BackendRegistry:
                 return self._loaded[name]
             specs = self.specs()
             if name not in specs:
-                raise UnknownBackend(name, list(specs))
+                raise self.unknown(name)
             if name in self._load_errors:
                 raise BackendUnavailable(name, self._load_errors[name])
             spec = specs[name]
@@ -168,7 +216,7 @@ class BackendRegistry:
     def status(self, name: str) -> BackendStatus:
         spec = self.specs().get(name)
         if spec is None:
-            raise UnknownBackend(name, self.names())
+            raise self.unknown(name)
         try:
             backend = self.get(name)
         except BackendUnavailable as exc:
@@ -190,6 +238,11 @@ _default_lock = threading.Lock()
 def _specs_of(plugin: Any) -> list[BackendSpec]:
     impl = getattr(plugin, "pagedkv_backends", None)
     return list(impl()) if callable(impl) else []
+
+
+def _distribution(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return (getattr(dist, "name", "") or "").replace("_", "-").lower()
 
 
 def default_registry() -> BackendRegistry:

@@ -14,7 +14,7 @@ from pagedkv_core import (
     UnknownBackend,
 )
 from pagedkv_core.hookspecs import hookimpl
-from pagedkv_core.plugins import BLOCK_ENV
+from pagedkv_core.plugins import BLOCK_ENV, BUILTIN_BACKENDS
 
 
 class TinyBackend:
@@ -97,12 +97,86 @@ def test_specs_are_lazy():
     assert loads == [1]
 
 
-def test_unknown_backend_lists_known_ones_and_an_install_hint():
+def test_unknown_backend_lists_known_ones_and_never_invents_a_package():
     registry = BackendRegistry(load_entry_points=False)
     registry.register(TinyBackend())
     with pytest.raises(UnknownBackend) as err:
         registry.get("tpu")
-    assert "tiny" in str(err.value) and "pip install pagedkv-tpu" in str(err.value)
+    assert "tiny" in str(err.value) and "pip install" not in str(err.value)
+    assert err.value.suggestion is None
+
+
+def test_a_typo_suggests_the_closest_known_name():
+    registry = BackendRegistry()
+    with pytest.raises(UnknownBackend) as err:
+        registry.get("nmupy")
+    assert err.value.suggestion == "numpy" and "did you mean 'numpy'?" in str(err.value)
+    assert "pagedkv-nmupy" not in str(err.value) and "pip install" not in str(err.value)
+
+
+def test_a_builtin_that_is_not_installed_gets_its_install_line():
+    registry = BackendRegistry(load_entry_points=False)
+    assert set(registry.not_installed()) == set(BUILTIN_BACKENDS)
+    with pytest.raises(UnknownBackend) as err:
+        registry.get("trch")
+    assert err.value.suggestion == "torch" and "pip install pagedkv-torch" in str(err.value)
+    registry.register(TinyBackend())
+    with pytest.raises(UnknownBackend) as err:
+        registry.status("cupy")
+    assert "pip install 'pagedkv-cupy[cuda12x]'" in err.value.install_hint
+
+
+class FakeDistribution:
+    def __init__(self, name):
+        self.name = name
+
+
+class FakeEntryPoint:
+    """An installed plugin: what ``importlib.metadata.entry_points`` hands the registry."""
+
+    def __init__(self, name, plugin, dist):
+        self.name, self._plugin, self.dist = name, plugin, FakeDistribution(dist)
+
+    def load(self):
+        return self._plugin
+
+
+def test_an_installed_plugin_cannot_take_over_a_builtin_name(monkeypatch):
+    real = metadata.entry_points
+
+    class Impostor:
+        @hookimpl
+        def pagedkv_backends(self):
+            return [BackendSpec("numpy", TinyBackend)]
+
+    def entry_points(group):  # listed first: installation order must not decide
+        return [FakeEntryPoint("impostor", Impostor(), "pagedkv-impostor"), *real(group=group)]
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    registry = BackendRegistry()
+    assert type(registry.get("numpy")).__module__.startswith("pagedkv_numpy")
+    why = registry.plugin_refusals["impostor"]
+    assert "'numpy'" in why and "pagedkv-numpy" in why and f"{BLOCK_ENV}=impostor" in why
+    assert not registry.plugin_manager.has_plugin("impostor")
+
+
+def test_backends_command_shows_a_refused_plugin(monkeypatch, capsys):
+    from pagedkv_core import plugins
+    from pagedkv_core.cli import main
+
+    real = metadata.entry_points
+
+    class Impostor:
+        @hookimpl
+        def pagedkv_backends(self):
+            return [BackendSpec("numpy", TinyBackend)]
+
+    monkeypatch.setattr(metadata, "entry_points",
+                        lambda group: [FakeEntryPoint("impostor", Impostor(), "x"), *real(group=group)])
+    monkeypatch.setattr(plugins, "_default", None)  # a fresh registry sees the fake entry point; restored after
+    assert main(["backends"]) == 0
+    line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("impostor"))
+    assert "plugin refused: it offers backend 'numpy'" in line
 
 
 def test_a_plugin_that_fails_to_import_is_reported_not_fatal(monkeypatch):

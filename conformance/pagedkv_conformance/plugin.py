@@ -7,6 +7,10 @@ and, where the dtype matters, ``dtype``. Targets that cannot run here stay in
 the report as skips with the backend's own reason. Expected failures declared
 in a backend's capabilities (``{check_prefix: reason}``) become strict
 xfails, and declared entries that match no check are reported.
+
+A run that verified nothing fails: an unknown backend, device or dtype is a
+usage error before collection, and a session whose checks were all skipped
+(or all expected failures) ends with a non-zero exit status and says why.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from pagedkv_core.errors import PagedKvError
 from pagedkv_core.plugins import default_registry
 
-from .targets import Target, discover_targets
+from .targets import Target, check_request, discover_targets
 
 pytest.register_assert_rewrite("pagedkv_conformance.helpers")
 
-AREAS = ("allocator", "storage", "movement", "attention", "manager", "bad_input")
+AREAS = ("capabilities", "allocator", "storage", "movement", "attention", "manager", "bad_input")
 _TARGETS_KEY = pytest.StashKey[list]()
 _UNMATCHED_KEY = pytest.StashKey[list]()
 
@@ -36,6 +41,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pagedkv_area(name): the conformance area a check belongs to")
+    config.addinivalue_line("markers", "slow: long sweeps of the conformance suite (pagedkv conformance --full)")
+    try:
+        check_request(default_registry(), config.getoption("pagedkv_backend"), config.getoption("pagedkv_device"),
+                      requested_dtypes(config))
+    except PagedKvError as exc:
+        raise pytest.UsageError(f"pagedkv conformance: {exc}") from None
     config.pluginmanager.register(AreaSummary(config), "pagedkv-area-summary")
 
 
@@ -65,7 +76,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         supported = [] if caps is None else list(caps.dtypes) + list(caps.quantized)
         for dtype in wanted or supported or ["float32"]:
             extra = list(marks)
-            if caps is not None and dtype not in supported:
+            if caps is not None and not supported:  # the capabilities check fails this target
+                extra.append(pytest.mark.skip(reason=f"{target.id} declares no storage dtype"))
+            elif caps is not None and dtype not in supported:
                 extra.append(pytest.mark.skip(reason=f"{target.id} does not support dtype {dtype}"))
             params.append(pytest.param(target, dtype, id=f"{target.id}-{dtype}", marks=extra))
     names = "target" if "dtype" not in metafunc.fixturenames else "target,dtype"
@@ -132,6 +145,15 @@ class AreaSummary:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.skip_reasons[area][reason.removeprefix("Skipped: ")] += 1
 
+    @property
+    def verified_nothing(self) -> bool:
+        """Checks ran, and none of them passed: every one skipped or was an expected failure."""
+        return bool(self.counts) and not any(c["passed"] for c in self.counts.values())
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.verified_nothing and exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.counts:
             return
@@ -146,3 +168,6 @@ class AreaSummary:
                 tr.write_line(f"  skipped in {area} ({count}): {reason}")
         for target_id, prefix in self.config.stash.get(_UNMATCHED_KEY, []):
             tr.write_line(f"  declared expected failure of {target_id} matches no check: {prefix!r}")
+        if self.verified_nothing:
+            tr.write_line("pagedkv conformance verified nothing: every check was skipped or an expected failure "
+                          "(reasons above); failing the run", red=True, bold=True)

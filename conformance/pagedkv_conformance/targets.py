@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedkv_core.backend import Backend, Capabilities
-from pagedkv_core.errors import BackendUnavailable, UnknownBackend
+from pagedkv_core.dtypes import check_dtype
+from pagedkv_core.errors import BackendUnavailable, InvalidArgument, UnknownBackend
 from pagedkv_core.plugins import BackendRegistry
 
-__all__ = ["Target", "discover_targets"]
+__all__ = ["Target", "discover_targets", "check_request"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,34 @@ class Target:
     @property
     def id(self) -> str:
         return f"{self.backend_name}-{self.device}"
+
+
+def check_request(registry: BackendRegistry, backend: str | None, device: str | None,
+                  dtypes: Sequence[str] = ()) -> None:
+    """Refuse a request that could only verify nothing: an unknown backend, device or dtype.
+
+    A device the backend does not list and cannot probe as usable is a typo
+    (``--device tpu``), not a machine without that device: the latter is one
+    the backend lists, and its checks skip with the backend's reason.
+    """
+    for dtype in dtypes:
+        check_dtype(dtype)
+    if backend is None:
+        if device is not None:
+            raise InvalidArgument("--device needs --backend: device names belong to one backend")
+        return
+    if backend not in registry.specs():
+        raise registry.unknown(backend)
+    if device is None:
+        return
+    try:
+        impl = registry.get(backend)
+    except BackendUnavailable:
+        return  # its targets skip with the reason; the run then fails for verifying nothing
+    known = impl.devices()
+    if device not in known and not impl.probe(device).available:
+        listing = ", ".join(known) or "none here"
+        raise InvalidArgument(f"backend {backend!r} has no device {device!r} (its devices: {listing})")
 
 
 def discover_targets(registry: BackendRegistry, backend: str | None = None, device: str | None = None) -> list[Target]:

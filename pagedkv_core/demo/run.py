@@ -27,13 +27,15 @@ from .scheduler import Scheduler, SchedulerConfig
 from .selfcheck import choose_sample, verify
 from .workload import WorkloadConfig, make_workload, peak_demand
 
-__all__ = ["run_demo", "POOL_SHARE", "BLOCK_SIZE", "SAMPLE_SIZE"]
+__all__ = ["run_demo", "POOL_SHARE", "BLOCK_SIZE", "SAMPLE_SIZE", "MAX_REQUESTS"]
 
 POOL_SHARE = 0.6
 """The pool holds this share of the workload's peak demand, so memory runs short and the scheduler must act."""
 BLOCK_SIZE = 16
 SAMPLE_SIZE = 8
 """Requests the self-check compares with the reference decode."""
+MAX_REQUESTS = 10_000
+"""A demo, not a load test: about a second per ten requests on a laptop core; the benchmarks go further."""
 
 
 def _describe(c: ModelConfig) -> str:
@@ -70,8 +72,10 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
     that cannot be used here.
     """
     out = sys.stdout if out is None else out  # looked up per call, so redirected stdout is honoured
-    if requests < 1:
-        raise InvalidArgument(f"--requests must be at least 1, got {requests}")
+    if isinstance(requests, bool) or not isinstance(requests, int) or not 1 <= requests <= MAX_REQUESTS:
+        raise InvalidArgument(f"--requests must be an integer from 1 to {MAX_REQUESTS:,}, got {requests!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgument(f"--seed must be a non-negative integer, got {seed!r}")
     impl = get_backend(backend)
     probe = impl.probe(device)
     if not probe.available:

@@ -46,9 +46,15 @@ class RedisStore:
         if (url is None) == (client is None):
             raise RemoteTierError("give exactly one of url and client")
         self._errors = (redis.exceptions.RedisError, OSError)
-        self.client = client if client is not None else redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
+        if client is None:
+            try:
+                client = redis.Redis.from_url(
+                    url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                    retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
+            except (ValueError, TypeError) as exc:  # redis-py's parse of a malformed URL
+                raise RemoteTierError(f"bad Redis/Valkey URL {url!r}: {exc} "
+                                      "(expected redis://host:port/db, rediss://... or unix:///path)") from None
+        self.client = client
         self.delete_batch = delete_batch
         self._script = self.client.register_script(_COUNT_LEADING)
         self._scripting = True  # until the server refuses scripts (disabled, or no permission)
