@@ -20,6 +20,10 @@ __all__ = [
 HashAlgorithm = Literal["sha256", "builtin"]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidArgument(message)
@@ -92,9 +96,12 @@ class CacheConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        _require(self.num_host_blocks >= 0, "num_host_blocks must be >= 0")
-        _require(self.max_seq_len is None or self.max_seq_len > 0, "max_seq_len must be > 0")
+            _require(_is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
+        _require(_is_int(self.num_host_blocks) and self.num_host_blocks >= 0,
+                 f"num_host_blocks must be an int >= 0, got {self.num_host_blocks!r}")
+        _require(self.max_seq_len is None or (_is_int(self.max_seq_len) and self.max_seq_len > 0),
+                 f"max_seq_len must be a positive int or None, got {self.max_seq_len!r}")
+        _require(isinstance(self.dtype, str), f"dtype must be a name such as 'float16', got {self.dtype!r}")
         check_dtype(self.dtype)
 
     @property
@@ -114,6 +121,16 @@ class CacheConfig:
         values = self.block_size * self.num_kv_heads * self.head_dim * itemsize(self.dtype)
         scales = self.num_kv_heads * 4 if self.quantized else 0
         return 2 * self.num_layers * (values + scales)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the device pools (every layer, K and V, scales included): what ``create_storage`` allocates."""
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def host_tier_bytes(self) -> int:
+        """Bytes the host (swap) tier holds when full."""
+        return self.num_host_blocks * self.bytes_per_block
 
     @property
     def prefix_caching(self) -> bool:

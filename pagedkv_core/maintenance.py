@@ -119,6 +119,9 @@ def check_invariants(m: PagedKvCacheManager, *, raise_on_error: bool = True) -> 
             row = m.tables.tables[seq.row]
             if list(row[:len(seq.blocks)]) != seq.blocks or (row[len(seq.blocks):] != -1).any():
                 problems.append(f"{rid}: block table row does not match its blocks")
+            if int(m.tables.used[seq.row]) != len(seq.blocks):
+                problems.append(f"{rid}: table row records {int(m.tables.used[seq.row])} entries, "
+                                f"the sequence holds {len(seq.blocks)} blocks")
         else:
             host += seq.host_blocks
             if seq.blocks:

@@ -43,6 +43,7 @@ from .interfaces import AdvancedKvCacheManager
 from .manager_eviction import EvictionMixin
 from .manager_growth import GrowthMixin
 from .manager_host import HostTierMixin
+from .memory import BOOKKEEPING_BYTES_PER_BLOCK, check_memory, host_memory_available
 from .metadata import BatchMetadata, build_batch_metadata
 from .policies import EvictionPolicy, LruPolicy
 from .pressure import MemoryPressure, PressureCallback, PressureMonitor
@@ -80,6 +81,8 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         self.config = config = storage.config
         self.device = storage.device
         self.clock = clock
+        check_memory(f"the manager's bookkeeping of {config.num_blocks:,} blocks",
+                     config.num_blocks * BOOKKEEPING_BYTES_PER_BLOCK, host_memory_available(), "host")
         self.pool = BlockPool(config.num_blocks, config.block_size, clock=clock)
         self.tables = TableArrays(config.max_blocks_per_seq)
         self.policy: EvictionPolicy = eviction_policy or LruPolicy()
@@ -129,6 +132,10 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
     def has_sequence(self, request_id: str) -> bool:
         return request_id in self._seqs
 
+    def get_record(self, request_id: str) -> Sequence | None:
+        """The live record of ``request_id`` (None if absent): handles compare it to tell a new admission."""
+        return self._seqs.get(request_id)
+
     def _set_prefix_config(self, prefix: PrefixCacheConfig | None) -> None:
         self._last_plan = (None, None, [])  # hashes cached under the old scheme are void
         self.prefix_config = prefix if prefix is not None and prefix.enabled else None
@@ -150,8 +157,8 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         bs = self.config.block_size
         n = request.initial_tokens
         total_blocks = -(-n // bs)
-        if total_blocks > self.tables.width:
-            raise OutOfBounds(n - 1, self.tables.width * bs)
+        if total_blocks > self.tables.max_width:
+            raise OutOfBounds(n - 1, self.tables.max_width * bs)
         hits: list[int] = []
         hashes: list = []
         root = None
@@ -401,24 +408,31 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path, sequences: Seq[str] | None = None) -> int:
-        """Write running sequences (all if None) to a portable safetensors file; return blocks saved.
+    def save(self, path, sequences: Seq[str] | None = None, *, hmac_key: bytes | None = None) -> int:
+        """Write sequences (all if None) to a portable safetensors file; return blocks saved.
 
-        Saving a subset makes a prompt cache that :meth:`load_prompt_cache`
-        adds to another manager's prefix cache.
+        Swapped-out sequences are saved from the host tier, bit-exact, and load
+        back swapped out. Saving a subset makes a prompt cache that
+        :meth:`load_prompt_cache` adds to another manager's prefix cache.
+        ``hmac_key`` signs the file (HMAC-SHA256) so that loading with the same
+        key can refuse files this deployment did not write.
         """
-        return persistence.save_cache(self, path, sequences)
+        return persistence.save_cache(self, path, sequences, hmac_key=hmac_key)
 
     @classmethod
-    def load(cls, path, backend="numpy", device: str = "cpu", **kwargs) -> PagedKvCacheManager:
+    def load(cls, path, backend="numpy", device: str = "cpu", *, hmac_key: bytes | None = None,
+             max_bytes: int | None = None, **kwargs) -> PagedKvCacheManager:
         """A new manager on ``backend`` (a name or a backend object) holding the saved sequences.
 
-        The file is validated completely first (``CorruptCacheFile``); K/V come
-        back bit-exact wherever the backend keeps the saved dtype.
+        The file is validated completely before anything is allocated
+        (``CorruptCacheFile``); ``hmac_key`` refuses files not signed with it
+        (``UntrustedCacheFile``); ``max_bytes`` caps the memory the file's
+        config may ask for (default: physical memory; ``IncompatibleCache``).
+        K/V come back bit-exact wherever the backend keeps the saved dtype.
         """
         from .plugins import get_backend
 
-        saved = persistence.read_cache(path)
+        saved = persistence.read_cache(path, hmac_key=hmac_key, max_bytes=max_bytes)
         scheme = saved.hash_scheme
         config = dataclasses.replace(saved.config, prefix_cache=None if scheme is None else PrefixCacheConfig(
             hash_algorithm=scheme["algorithm"], hash_seed=int(scheme["seed"])))
@@ -427,14 +441,15 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         persistence.restore(manager, saved)
         return manager
 
-    def load_prompt_cache(self, path) -> int:
+    def load_prompt_cache(self, path, *, hmac_key: bytes | None = None) -> int:
         """Add a saved cache's full blocks to this manager's prefix cache; return how many joined.
 
-        Validates the file and its fit (shapes, dtype, block size, hash scheme)
-        before changing anything; the blocks sit in the free queue, findable,
-        until their space is needed.
+        Validates the file and its fit (shapes, dtype, block size, hash scheme,
+        no more blocks than this pool and host tier) before reading its tensors
+        or changing anything; ``hmac_key`` as in :meth:`load`. The blocks sit
+        in the free queue, findable, until their space is needed.
         """
-        return persistence.load_prompt_cache(self, path)
+        return persistence.load_prompt_cache(self, path, hmac_key=hmac_key)
 
     # -- remote tier ---------------------------------------------------------------------------
 

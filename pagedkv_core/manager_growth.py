@@ -39,7 +39,7 @@ class GrowthMixin:
                 raise InvalidArgument("a request id appears twice in one batch")
             if token_ids is not None and len(token_ids) != len(seqs):
                 raise InvalidArgument("token_ids must hold one token per request")
-            pool, ref, bs, width = self.pool, self.pool.ref, self.config.block_size, self.tables.width
+            pool, ref, bs, width = self.pool, self.pool.ref, self.config.block_size, self.tables.max_width
             needed = 0
             for seq in seqs:
                 if seq.state is not RUNNING:
@@ -53,7 +53,7 @@ class GrowthMixin:
                     needed += 1
             if needed > pool.num_free:
                 raise OutOfBlocks(needed, pool.num_free)
-            table, now = self.tables.tables, self.clock()
+            tables, now = self.tables, self.clock()
             slots = [0] * len(seqs)
             cow_src: list[int] = []
             cow_dst: list[int] = []
@@ -62,7 +62,7 @@ class GrowthMixin:
                 offset = n % bs
                 if offset == 0:
                     block = pool.allocate_one()
-                    table[seq.row, len(blocks)] = block
+                    tables.append(seq.row, len(blocks), block)
                     blocks.append(block)
                 else:
                     block = blocks[-1]
@@ -72,7 +72,7 @@ class GrowthMixin:
                         block = pool.allocate_one()
                         cow_dst.append(block)
                         blocks[-1] = block
-                        table[seq.row, len(blocks) - 1] = block
+                        tables.tables[seq.row, len(blocks) - 1] = block
                 slots[i] = block * bs + offset
                 seq.num_tokens = n + 1
                 seq.last_access = now
@@ -89,7 +89,7 @@ class GrowthMixin:
             if cow_src:
                 self.storage.copy_blocks(cow_src, cow_dst)
                 self.counters["cow_copies"] += len(cow_src)
-            return build_batch_metadata(tuple(request_ids), table, self.tables.lens, rows, None, bs,
+            return build_batch_metadata(tuple(request_ids), tables.tables, tables.lens, rows, None, bs,
                                         np.array(slots, np.int32))
 
     def extend_batch(self, request_ids: Seq[str], counts: Seq[int] | None = None,
@@ -109,8 +109,8 @@ class GrowthMixin:
             self._reserve(seqs, counts, token_ids)
 
     def _reserve(self, seqs: list[Sequence], counts: list[int], token_ids) -> None:
-        bs, width, ref = self.config.block_size, self.tables.width, self.pool.ref
-        needed = 0
+        bs, width, ref = self.config.block_size, self.tables.max_width, self.pool.ref
+        needed = widest = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if n < 0:
                 raise InvalidArgument(f"cannot extend {seq.request_id!r} by {n} tokens")
@@ -118,6 +118,7 @@ class GrowthMixin:
             blocks = -(-total // bs)
             if blocks > width:
                 raise OutOfBounds(total - 1, width * bs)
+            widest = max(widest, blocks)
             needed += blocks - len(seq.blocks)
             if n and seq.num_tokens % bs and ref[seq.blocks[-1]] > 1:
                 needed += 1
@@ -127,7 +128,8 @@ class GrowthMixin:
             raise OutOfBlocks(needed, self.pool.num_free)
         cow_src: list[int] = []
         cow_dst: list[int] = []
-        table, lens, now = self.tables.tables, self.tables.lens, self.clock()
+        self.tables.ensure_width(widest)
+        table, lens, used, now = self.tables.tables, self.tables.lens, self.tables.used, self.clock()
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             seq.last_access = now
             seq.access_count += 1
@@ -147,6 +149,7 @@ class GrowthMixin:
                 fresh_blocks = self.pool.allocate(grow)
                 table[row, len(blocks):len(blocks) + grow] = fresh_blocks
                 blocks.extend(fresh_blocks)
+                used[row] = len(blocks)
             seq.num_tokens = total
             lens[row] = total
             if seq.token_ids is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .block_table import BlockTable
+from .errors import StaleHandle
 from .interfaces import KvCacheHandle
 from .stats import CacheHandleStats
 
@@ -50,16 +51,27 @@ class Sequence:
 
 
 class PagedKvCacheHandle(KvCacheHandle):
-    """A cheap view of one sequence; every property reads the manager's live state."""
+    """A cheap view of one sequence; every property reads the manager's live state.
 
-    __slots__ = ("_manager", "request_id")
+    A handle belongs to one admission, not to a request id: after
+    ``deallocate("a")`` and a new ``allocate("a")`` the old handle is stale
+    (``is_valid()`` is False and its properties raise :class:`StaleHandle`),
+    so it can never show another sequence's blocks. The record it was made
+    for is its generation: swaps and defragmentation keep the record, a new
+    admission makes a new one.
+    """
+
+    __slots__ = ("_manager", "request_id", "_record")
 
     def __init__(self, manager: PagedKvCacheManager, request_id: str) -> None:
         self._manager = manager
         self.request_id = request_id
+        self._record = manager._sequence(request_id)
 
     def _seq(self) -> Sequence:
-        return self._manager._sequence(self.request_id)
+        if not self.is_valid():
+            raise StaleHandle(self.request_id)
+        return self._record
 
     @property
     def block_table(self) -> BlockTable:
@@ -106,13 +118,18 @@ class PagedKvCacheHandle(KvCacheHandle):
         return f"{self._manager.device}/{self.request_id}"
 
     def stats(self) -> CacheHandleStats:
-        return self._manager.handle_stats(self.request_id)
+        with self._manager._lock:
+            self._seq()
+            return self._manager.handle_stats(self.request_id)
 
     def is_valid(self) -> bool:
-        return self._manager.has_sequence(self.request_id)
+        """True while the admission this handle was made for is still in the manager."""
+        return self._manager.get_record(self.request_id) is self._record
 
     def clone_handle(self, new_request_id: str | None = None) -> PagedKvCacheHandle:
-        return self._manager.fork(self.request_id, new_request_id)
+        with self._manager._lock:
+            self._seq()  # a stale handle must not fork the sequence that took over its id
+            return self._manager.fork(self.request_id, new_request_id)
 
     def __repr__(self) -> str:
         return f"PagedKvCacheHandle({self.request_id!r}, valid={self.is_valid()})"

@@ -155,6 +155,13 @@ class CudaRuntime:
         except (TypeError, ValueError, BufferError, RuntimeError) as exc:
             raise DTypeMismatch(f"{name} cannot be imported through DLPack: {exc}") from exc
 
+    def free_memory(self) -> int:
+        """Bytes a new pool can take on this device: the driver's free memory plus CuPy's pool held unused."""
+        with self.activate():
+            free, _total = self.cp.cuda.runtime.memGetInfo()
+            pool = self.cp.get_default_memory_pool()
+            return int(free + pool.total_bytes() - pool.used_bytes())
+
     def zeros(self, shape: Sequence[int], dtype: Any) -> Any:
         """A zero-filled device array on this device."""
         with self.activate():

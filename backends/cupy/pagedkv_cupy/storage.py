@@ -18,7 +18,8 @@ import numpy as np
 
 from pagedkv_core import quant
 from pagedkv_core.config import CacheConfig
-from pagedkv_core.errors import DTypeMismatch, InvalidArgument, ShapeMismatch, UnsupportedOperation
+from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, ShapeMismatch, UnsupportedOperation
+from pagedkv_core.memory import check_pools
 from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
 from .convert import (
@@ -50,6 +51,7 @@ class CupyStorage:
         rt = runtime if runtime is not None else CudaRuntime.for_device(device)
         if config.dtype == "bfloat16":
             rt.native_dtype("bfloat16")  # UnsupportedOperation with CuPy's reason
+        check_pools(config, rt.device, rt.free_memory(), unified=False)
         self.runtime = rt
         self.xp = rt.xp
         self.config = config
@@ -82,7 +84,11 @@ class CupyStorage:
             return
         with self.runtime.activate():  # conversions run on the storage's device
             if self.quantized:
-                self._write_int8(layer, slots, keep, self._float32(k, k_name), self._float32(v, v_name))
+                k32, v32 = self._float32(k, k_name), self._float32(v, v_name)
+                rows = self.runtime.upload(np.flatnonzero(keep))
+                if not bool(self.xp.isfinite(k32[rows]).all() & self.xp.isfinite(v32[rows]).all()):  # one sync
+                    raise NonFiniteValue(self.config.dtype)
+                self._write_int8(layer, slots, keep, k32, v32)
                 return
             c = self.config
             self.runtime.launch(WRITE_MODULE, write_name(self.raw_dtype.itemsize), (n,), (THREADS,), (

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch
+from pagedkv_core.memory import host_memory_available
 from pagedkv_cupy.kernels import ModuleKey, kernel_source, module_names
 
 HERE = Path(__file__).parent
@@ -143,6 +144,10 @@ class EmuRuntime:
         if not isinstance(x, np.ndarray):
             raise DeviceMismatch(f"{name} is a {type(x).__name__}, not an emulated device array")
         return x
+
+    def free_memory(self) -> int | None:
+        """Emulated device memory is host memory."""
+        return host_memory_available()
 
     def zeros(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)

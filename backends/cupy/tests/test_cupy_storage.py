@@ -255,3 +255,30 @@ def test_write_kernels_skip_slots_and_blocks_outside_the_pool(cupy_target):
     values = quantized.to_numpy(0)[0].reshape(-1, 3, 8)
     np.testing.assert_allclose(values[5], 1.0, rtol=1e-6)
     assert (np.delete(values, 5, axis=0) == 0).all()
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan], ids=["inf", "nan"])
+def test_an_int8_pool_refuses_non_finite_values_and_changes_nothing(cupy_target, bad):
+    from pagedkv_core.errors import NonFiniteValue
+
+    storage = cupy_target.storage(small("int8"))
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((3, 3, 8)).astype(np.float32)
+    storage.write(0, np.array([4, 5, 6]), cupy_target.put(k, "float32"), cupy_target.put(-k, "float32"))
+    before = [a.copy() for a in storage.to_numpy(0)]
+    k[2, 2, 3] = bad
+    with pytest.raises(NonFiniteValue):
+        storage.write(0, np.array([7, -1, 8]), cupy_target.put(k, "float32"), cupy_target.put(-k, "float32"))
+    for got, want in zip(storage.to_numpy(0), before):
+        np.testing.assert_array_equal(got, want)
+    k[2, 2, 3] = 0.0  # the same write without the bad value goes through; a bad value in a skipped row is ignored
+    k[1, 0, 0] = bad
+    storage.write(0, np.array([7, -1, 8]), cupy_target.put(k, "float32"), cupy_target.put(-k, "float32"))
+    assert np.isfinite(storage.to_numpy(0)[0]).all()
+
+
+def test_a_pool_beyond_the_device_is_refused_before_allocation(cupy_target):
+    from pagedkv_core.errors import InsufficientMemory
+
+    with pytest.raises(InsufficientMemory):
+        cupy_target.storage(config("float16", num_kv_heads=8, head_dim=128, num_blocks=10**11, block_size=16))

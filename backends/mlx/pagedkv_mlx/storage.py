@@ -40,7 +40,8 @@ import mlx.core as mx
 import numpy as np
 
 from pagedkv_core.config import CacheConfig
-from pagedkv_core.errors import DTypeMismatch, InvalidArgument, UnsupportedOperation
+from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, UnsupportedOperation
+from pagedkv_core.memory import check_pools
 from pagedkv_core.quant import dequantize_blocks as host_dequantize
 from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
@@ -76,6 +77,7 @@ class MlxStorage:
             raise UnsupportedOperation(f"mlx storage does not support dtype {config.dtype!r}; "
                                        f"it has {', '.join(MX_DTYPES)}")
         self.mx_device = mlx_device(device)
+        check_pools(config, device)  # CPU or Apple's unified memory: the pools draw on the host's
         self.config = config
         self.device = device
         self.checks = StorageChecks(config)
@@ -117,6 +119,8 @@ class MlxStorage:
         bs = self.config.block_size
         with mx.stream(self.mx_device):
             if self.quantized:
+                if not mx.all(mx.isfinite(k)).item() or not mx.all(mx.isfinite(v)).item():
+                    raise NonFiniteValue(self.config.dtype)
                 self._write_quantized(layer, slots // bs, slots % bs, k, v)
                 return
             blocks, offsets = mx.array(slots // bs), mx.array(slots % bs)

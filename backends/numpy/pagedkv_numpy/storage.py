@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pagedkv_core.config import CacheConfig
-from pagedkv_core.errors import DTypeMismatch, InvalidArgument, UnsupportedOperation
+from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, UnsupportedOperation
+from pagedkv_core.memory import check_pools
 from pagedkv_core.quant import INT8_MAX, dequantize_blocks, quantize_blocks
 from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
@@ -32,6 +33,7 @@ class NumpyStorage:
             raise InvalidArgument(f"the numpy backend has only the 'cpu' device, not {device!r}")
         if config.dtype not in NUMPY_DTYPES:
             raise UnsupportedOperation(f"numpy storage does not support dtype {config.dtype!r}")
+        check_pools(config, device)  # NumPy's zeros would succeed lazily and the kernel kill us on first write
         self.config = config
         self.device = device
         self.checks = StorageChecks(config)
@@ -58,6 +60,8 @@ class NumpyStorage:
         if not keep.all():
             slots, k, v = slots[keep], k[keep], v[keep]
         if self.quantized:
+            if not (np.isfinite(k).all() and np.isfinite(v).all()):
+                raise NonFiniteValue(self.config.dtype)
             self._write_quantized(self.k, self.k_scale, layer, slots, k)
             self._write_quantized(self.v, self.v_scale, layer, slots, v)
             return

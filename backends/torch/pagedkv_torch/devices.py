@@ -15,7 +15,8 @@ import torch
 from pagedkv_core.backend import Probe
 from pagedkv_core.errors import InvalidArgument
 
-__all__ = ["parse_device", "known_devices", "probe_device", "fp8_supported", "float_dtypes", "quantized_dtypes"]
+__all__ = ["parse_device", "known_devices", "probe_device", "fp8_supported", "float_dtypes", "quantized_dtypes",
+           "free_device_memory"]
 
 
 def parse_device(name: str) -> torch.device:
@@ -29,6 +30,17 @@ def parse_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     return device
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes a new pool can take on a CUDA device: the driver's free memory plus what torch's cache holds unused.
+
+    None for host-memory devices (cpu, and mps's unified memory), which the core checks against the host.
+    """
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def _cuda_count() -> int:

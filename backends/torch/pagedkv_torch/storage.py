@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from pagedkv_core.config import CacheConfig
-from pagedkv_core.errors import DTypeMismatch, InvalidArgument, ShapeMismatch, UnsupportedOperation
+from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, ShapeMismatch, UnsupportedOperation
+from pagedkv_core.memory import check_pools
 from pagedkv_core.storage import HostBlocks, StorageChecks
 
 from .convert import index_tensor, native_tensor, put_, same_device, take, to_numpy, torch_dtype
-from .devices import float_dtypes, parse_device, quantized_dtypes
+from .devices import float_dtypes, free_device_memory, parse_device, quantized_dtypes
 from .host import TorchHostBlocks, copy_to_host
 from .quant import dequantize_blocks, quantize_blocks, write_quantized
 
@@ -38,6 +39,7 @@ class TorchStorage:
         if config.dtype not in supported:
             raise UnsupportedOperation(
                 f"torch storage on {dev} supports {', '.join(supported)}, not {config.dtype!r}")
+        check_pools(config, str(dev), free_device_memory(dev), unified=dev.type in ("cpu", "mps"))
         self.config = config
         self.torch_device = dev
         self.device = str(dev)
@@ -76,6 +78,8 @@ class TorchStorage:
             return
         slots_t = self._slots_tensor(slot_mapping, slots, bool(keep.all()))
         if self.quantized:
+            if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):  # one sync on CUDA: refuse before writing
+                raise NonFiniteValue(self.config.dtype)
             write_quantized(self.k, self.k_scale, layer, slots_t, k, self.config.dtype)
             write_quantized(self.v, self.v_scale, layer, slots_t, v, self.config.dtype)
             return
