@@ -3,30 +3,58 @@
 One file holds the K/V of the saved sequences' blocks for every layer
 (``k``, ``v``: ``[num_layers, num_saved_blocks, block_size, num_kv_heads,
 head_dim]``; int8 pools add ``k_scale``, ``v_scale``; bfloat16 is stored as
-``U16`` bit patterns) and, in the safetensors metadata, a JSON record: format
-version, cache config, hash scheme, each sequence's block list (indices into
-the saved blocks, so ref counts follow), tokens and chain hashes, and each
-saved block's registered hash. A SHA-256 over the record and every tensor
-byte guards the whole file: a damaged, truncated or edited file is refused
-with :class:`CorruptCacheFile` before anything changes.
+``U16`` bit patterns; sequences swapped out compressed add ``k_int8``,
+``v_int8`` and their scales) and, in the safetensors metadata, a JSON record:
+format version, cache config, hash scheme, each sequence's state and block
+list (indices into the saved blocks, so ref counts follow), tokens and chain
+hashes, and each saved block's registered hash.
+
+A SHA-256 over the record and every tensor byte detects damage: a truncated
+or flipped file is refused. It does not stop an attacker, who can edit the
+file and recompute it; so every field is validated against the target before
+anything is allocated (:mod:`.persistence_checks`), and a deployment that
+must refuse files it did not write passes an ``hmac_key``: the file then
+carries an HMAC-SHA256 over the same bytes, and loading with the key refuses
+an unsigned or foreign file with :class:`UntrustedCacheFile`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-import math
 import os
 from collections import Counter
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import CacheConfig, PrefixCacheConfig
-from .errors import CorruptCacheFile, IncompatibleCache, OutOfBlocks, PagedKvError, SequenceExists
-from .hashing import BlockHasher
-from .safetensors_io import read_safetensors, write_safetensors
-from .sequence import Sequence
+from .config import CacheConfig
+from .errors import (
+    CorruptCacheFile,
+    IncompatibleCache,
+    InvalidArgument,
+    OutOfBlocks,
+    OutOfHostBlocks,
+    SequenceExists,
+    UnsupportedOperation,
+    UntrustedCacheFile,
+)
+from .persistence_checks import (
+    COMPAT_FIELDS,
+    CONFIG_FIELDS,
+    FILE_DTYPE,
+    CheckedRecord,
+    SavedSequence,
+    check_fit,
+    check_footprint,
+    check_record,
+    check_tensors,
+    encode_hash,
+)
+from .safetensors_io import load_json_strict, read_header, read_tensors, write_safetensors
+from .sequence import SeqState, Sequence
 from .storage import NumpyHostBlocks
 
 if TYPE_CHECKING:
@@ -34,177 +62,239 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT_VERSION", "SavedCache", "save_cache", "read_cache", "restore", "load_prompt_cache"]
 
-FORMAT_VERSION = 1
-_CONFIG_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "dtype", "num_host_blocks",
-                  "max_seq_len")
+FORMAT_VERSION = 2
+_PORTABLE = {"bfloat16": np.float32, "float8_e4m3fn": np.float32}  # how NumpyHostBlocks carries these dtypes
 
 
-def _encode_hash(h) -> str | None:
-    if h is None:
-        return None
-    return "h:" + h.hex() if isinstance(h, bytes) else f"i:{int(h)}"
-
-
-def _decode_hash(s):
-    if s is None:
-        return None
-    if not isinstance(s, str) or s[:2] not in ("h:", "i:"):
-        raise CorruptCacheFile(f"malformed block hash {s!r}")
-    try:
-        return bytes.fromhex(s[2:]) if s[:2] == "h:" else int(s[2:])
-    except ValueError:
-        raise CorruptCacheFile(f"malformed block hash {s!r}") from None
-
-
-def _checksum(record_json: str, tensors: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(record_json.encode())
+def _feed(digest, record_json: str, tensors: dict[str, np.ndarray]) -> None:
+    digest.update(record_json.encode("utf-8", "surrogatepass"))
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(array.reshape(-1).view(np.uint8))  # the bytes, without a copy
+
+
+def _checksum(record_json: str, tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the record and every tensor: detects damage (anyone can recompute it)."""
+    digest = hashlib.sha256()
+    _feed(digest, record_json, tensors)
     return digest.hexdigest()
 
 
-def _to_file_arrays(host: NumpyHostBlocks, dtype: str) -> dict[str, np.ndarray]:
+def _signature(key: bytes, record_json: str, tensors: dict[str, np.ndarray]) -> str:
+    """HMAC-SHA256 over what the checksum covers: only a holder of ``key`` can produce it."""
+    digest = hmac.new(key, digestmod=hashlib.sha256)
+    _feed(digest, record_json, tensors)
+    return digest.hexdigest()
+
+
+def _check_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if not isinstance(key, (bytes, bytearray, memoryview)) or not len(key):
+        raise InvalidArgument("hmac_key must be non-empty bytes (encode a text key first)")
+    return bytes(key)
+
+
+def _to_file_arrays(host: NumpyHostBlocks, dtype: str, prefix: str = "") -> dict[str, np.ndarray]:
     k, v = host.k, host.v
     if dtype == "bfloat16":  # float32 holding bfloat16 values exactly: keep the top 16 bits
         k, v = ((np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16) for a in (k, v))
     elif dtype == "float8_e4m3fn":
         k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)
-    out = {"k": k, "v": v}
+    out = {f"k{prefix}": k, f"v{prefix}": v}
     if host.k_scale is not None:
-        out["k_scale"], out["v_scale"] = np.asarray(host.k_scale, np.float32), np.asarray(host.v_scale, np.float32)
+        out[f"k{prefix}_scale"] = np.asarray(host.k_scale, np.float32)
+        out[f"v{prefix}_scale"] = np.asarray(host.v_scale, np.float32)
     return out
 
 
-_FILE_DTYPE = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
-               "int8": np.int8, "float8_e4m3fn": np.float32}
+def _concat(parts: list[NumpyHostBlocks], empty: NumpyHostBlocks) -> NumpyHostBlocks:
+    if not parts:
+        return empty
+    if len(parts) == 1:
+        return parts[0]
+    scales = parts[0].k_scale is not None
+    return NumpyHostBlocks(np.concatenate([p.k for p in parts], axis=1), np.concatenate([p.v for p in parts], axis=1),
+                           parts[0].dtype,
+                           np.concatenate([p.k_scale for p in parts], axis=1) if scales else None,
+                           np.concatenate([p.v_scale for p in parts], axis=1) if scales else None)
+
+
+def _empty(c: CacheConfig, dtype, scales: bool) -> NumpyHostBlocks:
+    k = np.zeros((c.num_layers, 0, c.block_size, c.num_kv_heads, c.head_dim), dtype)
+    s = np.zeros((c.num_layers, 0, c.num_kv_heads), np.float32) if scales else None
+    return NumpyHostBlocks(k, k.copy(), c.dtype, s, None if s is None else s.copy())
+
+
+def _host_copy(seq: Sequence, like: NumpyHostBlocks) -> NumpyHostBlocks:
+    """A swapped sequence's host blocks in portable form, checked to concatenate with ``like`` bit-exactly."""
+    seq.host.wait()
+    host = seq.host.to_numpy()
+    ok = host.k.dtype == like.k.dtype and (host.k_scale is None) == (like.k_scale is None)
+    if not ok or host.num_blocks != seq.host_blocks:
+        raise UnsupportedOperation(f"cannot save {seq.request_id!r}: its host copy is {host.k.dtype} "
+                                   f"({host.num_blocks} blocks), expected {like.k.dtype}")
+    return host
+
+
+def _hashes_of(seq: Sequence, algorithm: str | None) -> tuple[str | None, list]:
+    """The root and chain to save: none when they were made under another hash algorithm than today's."""
+    if algorithm is None or seq.root is None or isinstance(seq.root, bytes) != (algorithm == "sha256"):
+        return None, []
+    return encode_hash(seq.root), [encode_hash(h) for h in seq.hashes]
+
+
+def _snapshot(manager: PagedKvCacheManager, seqs: list[Sequence]) -> tuple[list[dict], list[int], dict]:
+    """The record's sequences, the device blocks saved, and the file's tensors (under the manager's lock)."""
+    c = manager.config
+    algorithm = None if manager.prefix_config is None else manager.prefix_config.hash_algorithm
+    blocks: list[int] = []
+    index: dict[int, int] = {}
+    for seq in seqs:
+        for b in seq.blocks if seq.state is SeqState.RUNNING else ():
+            if b not in index:
+                index[b] = len(blocks)
+                blocks.append(b)
+    main_like = _empty(c, _PORTABLE.get(c.dtype, FILE_DTYPE[c.dtype]), c.quantized)
+    main: list[NumpyHostBlocks] = []
+    if blocks:
+        device = manager.storage.swap_out(blocks)
+        device.wait()
+        main_like = device.to_numpy()
+        main.append(main_like)
+    int8_like, int8 = _empty(c, np.int8, True), []
+    rows, n_main, n_int8 = [], len(blocks), 0
+    for seq in seqs:
+        root, hashes = _hashes_of(seq, algorithm)
+        row = {"request_id": seq.request_id, "num_tokens": seq.num_tokens, "priority": seq.priority,
+               "cached_tokens": seq.cached_tokens, "dropped_tokens": seq.dropped_tokens, "token_ids": seq.token_ids,
+               "root": root, "hashes": hashes}
+        if seq.state is SeqState.RUNNING:
+            row.update(state="running", blocks=[index[b] for b in seq.blocks])
+        elif seq.host_lossy:  # compressed from a float pool: int8 values and scales, kept as they are
+            int8.append(_host_copy(seq, int8_like))
+            row.update(state="compressed", blocks=list(range(n_int8, n_int8 + seq.host_blocks)))
+            n_int8 += seq.host_blocks
+        else:
+            main.append(_host_copy(seq, main_like))
+            row.update(state="swapped", blocks=list(range(n_main, n_main + seq.host_blocks)))
+            n_main += seq.host_blocks
+        rows.append(row)
+    tensors = _to_file_arrays(_concat(main, main_like), c.dtype)
+    if int8:
+        tensors.update(_to_file_arrays(_concat(int8, int8_like), "int8", "_int8"))
+    return rows, blocks, tensors
+
+
+def _block_hash(manager: PagedKvCacheManager, block: int) -> str | None:
+    h, prefix = manager.pool.block_hash[block], manager.prefix_config
+    if h is None or prefix is None or isinstance(h, bytes) != (prefix.hash_algorithm == "sha256"):
+        return None
+    return encode_hash(h)
+
+
+def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike, sequences: Seq[str] | None = None, *,
+               hmac_key: bytes | None = None) -> int:
+    """Write the given sequences (all if None), running or swapped out, to ``path``; return the blocks saved.
+
+    Swapped-out sequences are saved from the host tier exactly as they are
+    there (int8 and scales for compressed ones) and come back swapped out.
+    With ``hmac_key`` the file is signed (see :func:`read_cache`).
+    """
+    key = _check_key(hmac_key)
+    with manager._lock:
+        rids = list(manager._seqs) if sequences is None else list(sequences)
+        if len(set(rids)) != len(rids):
+            raise InvalidArgument("a request id appears twice in sequences")
+        seqs = [manager._sequence(r) for r in rids]
+        rows, blocks, tensors = _snapshot(manager, seqs)
+        c, prefix = manager.config, manager.prefix_config
+        record = {
+            "format_version": FORMAT_VERSION,
+            "config": {f: getattr(c, f) for f in CONFIG_FIELDS},
+            "hash": None if prefix is None else {"algorithm": prefix.hash_algorithm, "seed": prefix.hash_seed},
+            "block_hashes": [_block_hash(manager, b) for b in blocks]
+            + [None] * (tensors["k"].shape[1] - len(blocks)),
+            "sequences": rows,
+        }
+    record_json = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    metadata = {"pagedkv": record_json, "pagedkv_checksum": _checksum(record_json, tensors)}
+    if key is not None:
+        metadata["pagedkv_hmac"] = _signature(key, record_json, tensors)
+    write_safetensors(path, tensors, metadata)
+    return int(tensors["k"].shape[1]) + sum(s.host_blocks for s in seqs if s.host_lossy)
 
 
 class SavedCache:
-    """A validated saved cache: config, record and host blocks, ready to restore."""
+    """A validated saved cache: config, decoded sequences and host blocks, ready to restore."""
 
-    def __init__(self, config: CacheConfig, record: dict, host: NumpyHostBlocks) -> None:
-        self.config, self.record, self.host = config, record, host
-        self.hash_scheme = record["hash"]
-        self.block_hashes = [_decode_hash(h) for h in record["block_hashes"]]
+    def __init__(self, checked: CheckedRecord, record: dict, host: NumpyHostBlocks,
+                 int8: NumpyHostBlocks | None = None) -> None:
+        self.config: CacheConfig = checked.config
+        self.record, self.host, self.int8 = record, host, int8
+        self.hash_scheme: dict | None = checked.hash_scheme
+        self.block_hashes = checked.block_hashes
+        self.sequences: list[SavedSequence] = checked.sequences
 
     @property
     def num_blocks(self) -> int:
+        """Blocks in the file's ``k``/``v`` tensors."""
         return len(self.block_hashes)
 
 
-def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike, sequences=None) -> int:
-    """Write the given running sequences (all if None) to ``path``; return the number of blocks saved."""
-    with manager._lock:
-        rids = list(manager._seqs) if sequences is None else list(sequences)
-        seqs = [manager._running(r) for r in rids]
-        blocks: list[int] = []
-        index: dict[int, int] = {}
-        for seq in seqs:
-            for b in seq.blocks:
-                if b not in index:
-                    index[b] = len(blocks)
-                    blocks.append(b)
-        c = manager.config
-        if blocks:
-            host = manager.storage.swap_out(blocks)
-            host.wait()
-            host = host.to_numpy()
-        else:
-            empty = np.zeros((c.num_layers, 0, c.block_size, c.num_kv_heads, c.head_dim), np.float32)
-            scales = np.zeros((c.num_layers, 0, c.num_kv_heads), np.float32) if c.quantized else None
-            host = NumpyHostBlocks(empty, empty.copy(), c.dtype, scales, None if scales is None else scales.copy())
-        prefix = manager.prefix_config
-        record = {
-            "format_version": FORMAT_VERSION,
-            "config": {f: getattr(c, f) for f in _CONFIG_FIELDS},
-            "hash": None if prefix is None else {"algorithm": prefix.hash_algorithm, "seed": prefix.hash_seed},
-            "block_hashes": [_encode_hash(manager.pool.block_hash[b]) for b in blocks],
-            "sequences": [{
-                "request_id": s.request_id, "num_tokens": s.num_tokens, "blocks": [index[b] for b in s.blocks],
-                "priority": s.priority, "cached_tokens": s.cached_tokens, "dropped_tokens": s.dropped_tokens,
-                "token_ids": s.token_ids, "root": _encode_hash(s.root), "hashes": [_encode_hash(h) for h in s.hashes],
-            } for s in seqs],
-        }
-    tensors = _to_file_arrays(host, c.dtype)
-    record_json = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    write_safetensors(path, tensors, {"pagedkv": record_json, "pagedkv_checksum": _checksum(record_json, tensors)})
-    return len(blocks)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise CorruptCacheFile(message)
-
-
-def read_cache(path: str | os.PathLike) -> SavedCache:
-    """Read and validate everything in ``path``; raise ``CorruptCacheFile`` on any inconsistency."""
-    tensors, metadata = read_safetensors(path)
-    _require("pagedkv" in metadata and "pagedkv_checksum" in metadata, f"{path}: not a pagedkv cache file")
-    record_json = metadata["pagedkv"]
-    _require(_checksum(record_json, tensors) == metadata["pagedkv_checksum"], f"{path}: checksum mismatch")
-    try:
-        record = json.loads(record_json)
-        _require(isinstance(record, dict), "record is not an object")
-        version = record.get("format_version")
-        _require(version == FORMAT_VERSION, f"{path}: format version {version!r}, this pagedkv reads {FORMAT_VERSION}")
-        config = CacheConfig(**{f: record["config"][f] for f in _CONFIG_FIELDS})
-        return _validated(path, config, record, tensors)
-    except PagedKvError as exc:
-        if isinstance(exc, CorruptCacheFile):
-            raise
-        raise CorruptCacheFile(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CorruptCacheFile(f"{path}: malformed record ({type(exc).__name__}: {exc})") from None
-
-
-def _validated(path, config: CacheConfig, record: dict, tensors: dict[str, np.ndarray]) -> SavedCache:
-    c = config
-    n = len(record["block_hashes"])
-    shape = (c.num_layers, n, c.block_size, c.num_kv_heads, c.head_dim)
-    expected = {"k", "v"} | ({"k_scale", "v_scale"} if c.quantized else set())
-    _require(set(tensors) == expected, f"{path}: tensors {sorted(tensors)}, expected {sorted(expected)}")
-    for name in ("k", "v"):
-        _require(tensors[name].shape == shape, f"{path}: {name} has shape {tensors[name].shape}, expected {shape}")
-        _require(tensors[name].dtype == _FILE_DTYPE[c.dtype], f"{path}: {name} is {tensors[name].dtype} for {c.dtype}")
-    if c.quantized:
-        for name in ("k_scale", "v_scale"):
-            _require(tensors[name].shape == shape[:2] + (c.num_kv_heads,), f"{path}: {name} has a wrong shape")
-    scheme = record["hash"]
-    hasher = None
-    if scheme is not None:
-        PrefixCacheConfig(hash_algorithm=scheme["algorithm"], hash_seed=int(scheme["seed"]))  # validates
-        hasher = BlockHasher(c.block_size, scheme["algorithm"], int(scheme["seed"]))
-    block_hashes = [_decode_hash(h) for h in record["block_hashes"]]
-    owners: Counter[int] = Counter()
-    rids = set()
-    for s in record["sequences"]:
-        rid, tokens, blocks = s["request_id"], int(s["num_tokens"]), [int(b) for b in s["blocks"]]
-        _require(isinstance(rid, str) and rid not in rids, f"{path}: bad or repeated request id {rid!r}")
-        rids.add(rid)
-        _require(tokens >= 0 and len(blocks) == math.ceil(tokens / c.block_size), f"{path}: {rid}: blocks vs tokens")
-        _require(all(0 <= b < n for b in blocks) and len(set(blocks)) == len(blocks), f"{path}: {rid}: block ids")
-        owners.update(blocks)
-        hashes = [_decode_hash(h) for h in s["hashes"]]
-        _require(len(hashes) <= tokens // c.block_size, f"{path}: {rid}: more hashes than full blocks")
-        for i, h in enumerate(hashes):
-            registered = block_hashes[blocks[i]]
-            _require(registered is None or registered == h, f"{path}: {rid}: block {i} registered under another hash")
-        token_ids, root = s["token_ids"], _decode_hash(s["root"])
-        if token_ids is not None:
-            _require(len(token_ids) == tokens and all(isinstance(t, int) for t in token_ids), f"{path}: {rid}: tokens")
-        if hashes:
-            _require(hasher is not None and root is not None and token_ids is not None,
-                     f"{path}: {rid}: hashes without a hash scheme, root or tokens")
-            chain = hasher.chain(token_ids, root)[:len(hashes)]
-            _require(chain == hashes, f"{path}: {rid}: the hash chain does not match its tokens")
-    _require(set(owners) == set(range(n)), f"{path}: saved blocks that no sequence owns")
-    k, v = tensors["k"], tensors["v"]
-    if c.dtype == "bfloat16":
+def _host_blocks(config: CacheConfig, tensors: dict[str, np.ndarray], prefix: str = "") -> NumpyHostBlocks:
+    k, v = tensors[f"k{prefix}"], tensors[f"v{prefix}"]
+    dtype = "int8" if prefix else config.dtype
+    if dtype == "bfloat16":
         k, v = ((a.astype(np.uint32) << 16).view(np.float32) for a in (k, v))
-    host = NumpyHostBlocks(k, v, c.dtype, tensors.get("k_scale"), tensors.get("v_scale"))
-    return SavedCache(config, record, host)
+    return NumpyHostBlocks(k, v, dtype, tensors.get(f"k{prefix}_scale"), tensors.get(f"v{prefix}_scale"))
+
+
+def read_cache(path: str | os.PathLike, *, target: CacheConfig | None = None, hmac_key: bytes | None = None,
+               max_bytes: int | None = None) -> SavedCache:
+    """Read and validate everything in ``path`` before allocating for its tensors.
+
+    ``target``: the config of the manager the blocks go to; the file must
+    match its layout and hold no more blocks than its pool and host tier
+    (``IncompatibleCache``). Without it, the file's own config is the target,
+    and the memory it asks for is capped by ``max_bytes`` (default: physical
+    memory). ``hmac_key``: refuse a file that is not signed with this key
+    (:class:`UntrustedCacheFile`). Anything malformed: ``CorruptCacheFile``.
+    """
+    key = _check_key(hmac_key)
+    with open(path, "rb") as file:
+        header = read_header(file, path)
+        metadata = header.metadata
+        if "pagedkv" not in metadata or "pagedkv_checksum" not in metadata:
+            raise CorruptCacheFile(f"{path}: not a pagedkv cache file")
+        if key is not None and "pagedkv_hmac" not in metadata:
+            raise UntrustedCacheFile(f"{path}: the file is not signed, and an hmac_key was given")
+        record_json = metadata["pagedkv"]
+        record = load_json_strict(record_json, f"{path}: record", max_depth=4)
+        checked = check_record(path, record)
+        if target is not None:
+            check_fit(checked, target)
+        else:
+            check_footprint(checked.config, max_bytes)
+        check_tensors(path, checked, header.tensors)
+        tensors = read_tensors(file, header, path)
+    if not hmac.compare_digest(_checksum(record_json, tensors).encode(), metadata["pagedkv_checksum"].encode(
+            "utf-8", "surrogatepass")):
+        raise CorruptCacheFile(f"{path}: checksum mismatch")
+    if key is not None and not hmac.compare_digest(_signature(key, record_json, tensors).encode(),
+                                                   metadata["pagedkv_hmac"].encode("utf-8", "surrogatepass")):
+        raise UntrustedCacheFile(f"{path}: the signature does not match the hmac_key")
+    int8 = _host_blocks(checked.config, tensors, "_int8") if checked.num_int8_blocks else None
+    return SavedCache(checked, record, _host_blocks(checked.config, tensors), int8)
+
+
+def _subset(host: NumpyHostBlocks, index: list[int]) -> NumpyHostBlocks:
+    if index == list(range(host.num_blocks)):
+        return host
+    return NumpyHostBlocks(host.k[:, index], host.v[:, index], host.dtype,
+                           None if host.k_scale is None else host.k_scale[:, index],
+                           None if host.v_scale is None else host.v_scale[:, index])
 
 
 def _check_scheme(saved: SavedCache, manager: PagedKvCacheManager) -> None:
@@ -214,47 +304,67 @@ def _check_scheme(saved: SavedCache, manager: PagedKvCacheManager) -> None:
         raise IncompatibleCache(f"saved with hash scheme {saved.hash_scheme}, this manager uses {mine}")
 
 
+def _check_restorable(saved: SavedCache, manager: PagedKvCacheManager, running: list[int]) -> None:
+    """Every reason ``restore`` could fail, checked before anything changes."""
+    for s in saved.sequences:
+        if s.request_id in manager._seqs:
+            raise SequenceExists(s.request_id)
+    _check_scheme(saved, manager)
+    for field in COMPAT_FIELDS:
+        mine, theirs = getattr(manager.config, field), getattr(saved.config, field)
+        if mine != theirs:
+            raise IncompatibleCache(f"saved {field}={theirs!r}, this manager has {mine!r}")
+    widest = max((len(s.blocks) for s in saved.sequences), default=0)
+    if widest > manager.tables.max_width:
+        raise IncompatibleCache(f"a saved sequence has {widest} blocks, "
+                                f"this manager's tables hold {manager.tables.max_width}")
+    if len(running) > manager.pool.num_free:
+        raise OutOfBlocks(len(running), manager.pool.num_free)
+    host = sum(len(s.blocks) for s in saved.sequences if s.state != "running")
+    if host > manager.host_capacity - manager.host_used:
+        raise OutOfHostBlocks(host, manager.host_capacity - manager.host_used)
+
+
 def restore(manager: PagedKvCacheManager, saved: SavedCache) -> None:
-    """Recreate the saved sequences (with their sharing and prefix hashes) in ``manager``."""
+    """Recreate the saved sequences (sharing, prefix hashes, swapped ones on the host tier) in ``manager``."""
     with manager._mutating():
-        for s in saved.record["sequences"]:
-            if s["request_id"] in manager._seqs:
-                raise SequenceExists(s["request_id"])
-        _check_scheme(saved, manager)
-        if saved.num_blocks > manager.pool.num_free:
-            raise OutOfBlocks(saved.num_blocks, manager.pool.num_free)
-        blocks = manager._blocks_from_host(saved.host)
-        owners = Counter(b for s in saved.record["sequences"] for b in s["blocks"])
+        running = sorted({b for s in saved.sequences if s.state == "running" for b in s.blocks})
+        _check_restorable(saved, manager, running)
+        device = dict(zip(running, manager._blocks_from_host(_subset(saved.host, running))))
+        owners = Counter(b for s in saved.sequences if s.state == "running" for b in s.blocks)
         for i, count in owners.items():
             for _ in range(count - 1):
-                manager.pool.incref(blocks[i])
-        bs = manager.config.block_size
-        for s in saved.record["sequences"]:
-            mine = [blocks[i] for i in s["blocks"]]
-            hashes = [_decode_hash(h) for h in s["hashes"]]
-            if manager.hasher is not None:
-                manager.pool.register_chain(mine, hashes)
-            row = manager.tables.acquire()
-            manager.tables.set_row(row, mine, int(s["num_tokens"]))
-            cacheable = manager.hasher is not None and s["token_ids"] is not None and s["root"] is not None
-            manager._seqs[s["request_id"]] = Sequence(
-                s["request_id"], row, mine, int(s["num_tokens"]), int(s["priority"]), next(manager._arrivals),
-                manager.clock(), _decode_hash(s["root"]) if cacheable else None,
-                token_ids=list(s["token_ids"]) if cacheable else None, hashes=hashes if cacheable else [],
-                cached_tokens=min(int(s["cached_tokens"]), bs * len(hashes)) if cacheable else 0,
-                dropped_tokens=int(s["dropped_tokens"]),
-            )
+                manager.pool.incref(device[i])
+        for s in saved.sequences:
+            _restore_sequence(manager, saved, s, device)
 
 
-def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike) -> int:
+def _restore_sequence(manager: PagedKvCacheManager, saved: SavedCache, s: SavedSequence, device: dict) -> None:
+    cacheable = manager.hasher is not None and s.token_ids is not None and s.root is not None
+    hashes = list(s.hashes) if cacheable else []
+    row = manager.tables.acquire()
+    seq = Sequence(s.request_id, row, [], s.num_tokens, s.priority, next(manager._arrivals), manager.clock(),
+                   s.root if cacheable else None, token_ids=list(s.token_ids) if cacheable else None, hashes=hashes,
+                   cached_tokens=s.cached_tokens, dropped_tokens=s.dropped_tokens)
+    if s.state == "running":
+        seq.blocks = [device[i] for i in s.blocks]
+        if cacheable:
+            manager.pool.register_chain(seq.blocks, hashes)
+    else:
+        source = saved.int8 if s.state == "compressed" else saved.host
+        seq.state, seq.host, seq.host_blocks = SeqState.SWAPPED, _subset(source, list(s.blocks)), len(s.blocks)
+        seq.host_lossy = s.state == "compressed"
+        manager.host_used += len(s.blocks)
+    manager.tables.set_row(row, seq.blocks, s.num_tokens)
+    manager._seqs[s.request_id] = seq
+
+
+def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike, *,
+                      hmac_key: bytes | None = None) -> int:
     """Add the saved full, hashed blocks to ``manager``'s prefix cache (no sequences); return how many joined."""
-    saved = read_cache(path)
-    c, s = manager.config, saved.config
-    for field in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype"):
-        if getattr(c, field) != getattr(s, field):
-            raise IncompatibleCache(f"saved {field}={getattr(s, field)!r}, this manager has {getattr(c, field)!r}")
     if manager.prefix_config is None:
         raise IncompatibleCache("prefix caching is off in this manager")
+    saved = read_cache(path, target=manager.config, hmac_key=hmac_key)
     if saved.hash_scheme is None:
         raise IncompatibleCache("the file was saved without prefix hashes")
     with manager._mutating():
@@ -264,18 +374,12 @@ def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike) -> 
             raise OutOfBlocks(len(wanted), manager.pool.num_free)
         if not wanted:
             return 0
-        h = saved.host
-        subset = NumpyHostBlocks(h.k[:, wanted], h.v[:, wanted], h.dtype,
-                                 None if h.k_scale is None else h.k_scale[:, wanted],
-                                 None if h.v_scale is None else h.v_scale[:, wanted])
-        blocks = manager._blocks_from_host(subset)
+        blocks = manager._blocks_from_host(_subset(saved.host, wanted))
         parents = {}
-        for s_rec in saved.record["sequences"]:
-            hashes = [_decode_hash(x) for x in s_rec["hashes"]]
-            for i, x in enumerate(hashes):
-                parents[x] = hashes[i - 1] if i else None
+        for s in saved.sequences:
+            for i, x in enumerate(s.hashes):
+                parents[x] = s.hashes[i - 1] if i else None
         for block, i in zip(blocks, wanted):
             manager.pool.register(block, saved.block_hashes[i], parents.get(saved.block_hashes[i]))
         manager.pool.free(reversed(blocks))  # free but findable: they join the prefix cache
         return len(wanted)
-
