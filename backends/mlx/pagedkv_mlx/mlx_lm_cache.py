@@ -306,14 +306,17 @@ class PagedKVCache:
 # -- building ------------------------------------------------------------------------
 
 
-def _model_shape(model: Any) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) from the attention modules or ``model.args`` (mlx-lm's naming)."""
+def _model_shape(model: Any, num_kv_heads: int | None = None, head_dim: int | None = None) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim): the overrides, else read from the attention modules or ``model.args``.
+
+    Overrides win, so a model named otherwise (mlx-lm's gpt2) works once the caller passes them, as the error asks.
+    """
     layers = model.layers
     attn = getattr(layers[0], "self_attn", None)
     args = getattr(model, "args", None)
-    heads = (getattr(attn, "n_kv_heads", None) or getattr(args, "num_key_value_heads", None)
+    heads = (num_kv_heads or getattr(attn, "n_kv_heads", None) or getattr(args, "num_key_value_heads", None)
              or getattr(args, "num_attention_heads", None))
-    dim = getattr(attn, "head_dim", None) or getattr(args, "head_dim", None)
+    dim = head_dim or getattr(attn, "head_dim", None) or getattr(args, "head_dim", None)
     if dim is None and getattr(args, "hidden_size", None) and getattr(args, "num_attention_heads", None):
         dim = args.hidden_size // args.num_attention_heads
     if heads is None or dim is None:
@@ -340,15 +343,16 @@ def make_paged_prompt_cache(model: Any, num_blocks: int | None = None, block_siz
     allocated on ``device`` (``"cpu"`` or ``"gpu"``) in ``dtype`` (default: the
     model's floating dtype; ``"int8"`` quantizes). ``manager=`` shares an
     existing manager (``cache[0].sequences.manager``) instead, for prefix
-    sharing between prompt caches. Models whose ``make_cache`` builds anything
-    but ``KVCache`` layers (rotating, quantized, state-space) are refused.
+    sharing between prompt caches. ``num_kv_heads`` and ``head_dim`` give the
+    K/V shapes of a model whose modules do not name them as mlx-lm's Llama
+    does (gpt2); they win over what is read. Models whose ``make_cache`` builds
+    anything but ``KVCache`` layers (rotating, quantized, state-space) are refused.
     """
     if hasattr(model, "make_cache"):
         kinds = sorted({type(c).__name__ for c in model.make_cache()} - {"KVCache"})
         if kinds:
             raise UnsupportedOperation(f"the paged cache replaces KVCache layers only; this model also uses {kinds}")
-    layers, heads, dim = _model_shape(model)
-    heads, dim = num_kv_heads or heads, head_dim or dim
+    layers, heads, dim = _model_shape(model, num_kv_heads, head_dim)
     if manager is None:
         if num_blocks is None:
             raise InvalidArgument("pass num_blocks (the pool's size) or an existing manager")

@@ -22,7 +22,7 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install mlx-l
 
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models import gpt2, llama  # noqa: E402
 from mlx_lm.models.cache import (  # noqa: E402
     RotatingKVCache,
     make_prompt_cache,
@@ -43,16 +43,19 @@ def tiny_args(**changes) -> llama.ModelArgs:
     return llama.ModelArgs(**{**args, **changes})
 
 
-@pytest.fixture(scope="module")
-def model() -> llama.Model:
+def seeded(net, seed: int = 7):
     """Seeded weights with a gain of 3: greedy decoding then varies and depends on the whole context."""
-    net = llama.Model(tiny_args())
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     params = [(name, mx.array((rng.standard_normal(p.shape) * 3 / np.sqrt(p.shape[-1])).astype(np.float32)))
               if p.ndim == 2 else (name, p) for name, p in tree_flatten(net.parameters())]
     net.update(tree_unflatten(params))
     mx.eval(net.parameters())
     return net
+
+
+@pytest.fixture(scope="module")
+def model() -> llama.Model:
+    return seeded(llama.Model(tiny_args()))
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +303,23 @@ def test_refusals(model, prompt):
         make_paged_prompt_cache(sliding, num_blocks=8)
     with pytest.raises(ShapeMismatch):
         make_paged_prompt_cache(llama.Model(tiny_args(num_key_value_heads=4)), manager=cache[0].sequences.manager)
+
+
+def test_shape_overrides_for_a_model_named_otherwise(prompt):
+    """mlx-lm's gpt2 names its heads ``n_head`` under ``attn``: the shapes cannot be read, the overrides say them."""
+    args = gpt2.ModelArgs(model_type="gpt2", n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_positions=128,
+                          layer_norm_epsilon=1e-5, vocab_size=VOCAB, num_key_value_heads=None)
+    net = seeded(gpt2.Model(args))
+    with pytest.raises(InvalidArgument, match="num_kv_heads= and head_dim="):
+        make_paged_prompt_cache(net, num_blocks=16)
+    cache = make_paged_prompt_cache(net, num_blocks=16, num_kv_heads=4, head_dim=16)
+    assert (cache[0].sequences.config.num_kv_heads, cache[0].sequences.config.head_dim) == (4, 16)
+    tokens, logprobs = generate(net, prompt, cache, 24)
+    ref_tokens, ref_logprobs = generate(net, prompt, make_prompt_cache(net), 24)
+    assert len(set(ref_tokens)) > 5 and tokens == ref_tokens
+    assert_same_logits(logprobs, ref_logprobs)
+    with pytest.raises(ShapeMismatch):  # an override that does not match the model fails at the first write
+        generate(net, prompt, make_paged_prompt_cache(net, num_blocks=16, num_kv_heads=4, head_dim=8), 1)
 
 
 def test_importing_the_backend_does_not_import_mlx_lm():

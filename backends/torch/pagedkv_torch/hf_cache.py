@@ -41,7 +41,9 @@ Without ``begin`` the first ``update`` admits the rows itself, without token
 ids: everything, padding included, is stored and nothing is shared.
 
 Beams and multiple return sequences fork rows (blocks shared by reference,
-the partly filled last one copied on the first write); ``crop`` trims.
+the partly filled last one copied on the first write); ``crop`` trims, and a
+step of several positions may follow (speculative decoding's verify steps;
+the first one, right after ``begin``, brings the prompt and the drafts).
 Generated tokens are not registered in the prefix cache (``update`` does not
 see token ids). One forward at a time; not thread-safe; no gradients flow
 through cached K/V (inference only).
@@ -55,14 +57,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedkv_core.config import AllocationRequest, CacheConfig, PrefixCacheConfig
+from pagedkv_core.config import AllocationRequest, PrefixCacheConfig
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOperation
 from pagedkv_core.manager import PagedKvCacheManager
 
-from .convert import TORCH_DTYPES, dtype_name, take
 from .hf_compat import load_cache_utils
 from .hf_layers import HfCacheStats, PagedLayer, layer_windows
 from .hf_layout import StepPlan, host_2d, plan_step
+from .hf_pool import LayerPools, cache_config, layer_kv_shapes
 from .storage import TorchStorage
 
 __all__ = ["PagedCache", "PagedLayer", "HfCacheStats", "layer_windows"]
@@ -74,9 +76,10 @@ _CACHE_IDS = itertools.count()
 class PagedCache(_cache_utils.Cache):
     """transformers ``Cache`` over a :class:`PagedKvCacheManager` on the torch backend (see the module docstring).
 
-    ``config`` (the model's config) gives the layer kinds and sliding windows;
-    without it every layer is full attention. Build both at once with
-    :meth:`from_model_config`.
+    ``config`` (the model's config) gives the layer kinds, sliding windows and
+    each layer's K/V shape (packed into the pool where it differs, see
+    :mod:`.hf_pool`); without it every layer is full attention with the
+    pool's shape. Build both at once with :meth:`from_model_config`.
     """
 
     def __init__(self, manager: PagedKvCacheManager, config: Any = None) -> None:
@@ -85,16 +88,14 @@ class PagedCache(_cache_utils.Cache):
             raise UnsupportedOperation(f"PagedCache needs a manager over the torch backend's storage, "
                                        f"got {type(storage).__name__}")
         c = storage.config
+        shapes = None if config is None else layer_kv_shapes(config)
         windows = [None] * c.num_layers if config is None else layer_windows(config)
         if len(windows) != c.num_layers:
             raise ShapeMismatch(f"the model has {len(windows)} decoder layers, the storage {c.num_layers}")
         super().__init__(layers=[PagedLayer(self, i, w) for i, w in enumerate(windows)])
         self.manager = manager
         self.storage = storage
-        self._shape = (c.num_kv_heads, c.head_dim)
-        # flat [slots, kv_heads, head_dim] views of float pools; quantized pools go through storage.gather
-        self._flat = None if storage.quantized else [
-            (storage.k[i].view(-1, *self._shape), storage.v[i].view(-1, *self._shape)) for i in range(c.num_layers)]
+        self._pools = LayerPools(storage, shapes)
         self._tag = f"hf{next(_CACHE_IDS)}"
         self._ids = itertools.count()
         self._totals = [0, 0, 0]  # prompt tokens, prefix hits, padding skipped
@@ -109,21 +110,12 @@ class PagedCache(_cache_utils.Cache):
         ``dtype`` (a pagedkv name such as ``"bfloat16"``, ``"int8"``, or a
         torch dtype) defaults to the model's; ``prefix_cache`` defaults to
         ``PrefixCacheConfig()`` (``PrefixCacheConfig(enabled=False)`` turns
-        sharing off); ``manager_options`` go to the manager.
+        sharing off); ``manager_options`` go to the manager. Layers of different
+        K/V shapes (Gemma 4's ``global_head_dim``) share one pool, packed.
         """
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        dtype = getattr(text, "dtype", None) if dtype is None else dtype
-        name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else (dtype or "float32")
-        if name not in TORCH_DTYPES:
-            raise InvalidArgument(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
-        cache_config = CacheConfig(
-            num_layers=text.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
-            block_size=block_size, dtype=name, max_seq_len=max_seq_len,
-            prefix_cache=PrefixCacheConfig() if prefix_cache is None else prefix_cache)
-        return cls(PagedKvCacheManager(TorchStorage(cache_config, device), **manager_options), config)
+        config_ = cache_config(config, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                               max_seq_len=max_seq_len, prefix_cache=prefix_cache)
+        return cls(PagedKvCacheManager(TorchStorage(config_, device), **manager_options), config)
 
     # -- rows -------------------------------------------------------------------------
 
@@ -142,7 +134,8 @@ class PagedCache(_cache_utils.Cache):
     def _new_id(self) -> str:
         return f"{self._tag}-{next(self._ids)}"
 
-    def begin(self, input_ids: Any, attention_mask: Any = None, *, cache_salt: str | None = None) -> list[int]:
+    def begin(self, input_ids: Any, attention_mask: Any = None, *, cache_salt: str | None = None,
+              skip_cached: bool = True) -> list[int]:
         """Admit a batch of prompts (``[batch, length]``, left padded); returns each row's shared tokens.
 
         Releases the rows held before. Rows that start like an earlier row or a
@@ -152,6 +145,9 @@ class PagedCache(_cache_utils.Cache):
         positions from ``get_seq_length()`` on (``generate`` slices its input
         itself, and may repeat each row for beams or return sequences, which
         forks them; a manual loop passes ``input_ids[:, cache.get_seq_length():]``).
+        ``skip_cached=False`` keeps ``get_seq_length()`` at 0: every position is
+        computed again (shared blocks stay shared, unwritten), as transformers'
+        assisted and prompt-lookup decoding need, since they feed the whole prompt.
         """
         ids = host_2d(input_ids, "input_ids")
         mask = np.ones_like(ids) if attention_mask is None else host_2d(attention_mask, "attention_mask")
@@ -178,7 +174,7 @@ class PagedCache(_cache_utils.Cache):
         self._lead = lead
         self._skip = np.array([h.num_cached_tokens for h in handles], np.int64)
         # positions every row already has (padding or shared blocks) need not go through the model again
-        done = int((lead + self._skip).min())
+        done = int((lead + self._skip).min()) if skip_cached else 0
         self._length, self._span, self._layer_lens = length, (done, length), [done] * len(self.layers)
         self._unwritten = self.manager.prefix_config is not None
         self._fresh = True
@@ -215,9 +211,9 @@ class PagedCache(_cache_utils.Cache):
         batch, heads, new, head_dim = key_states.shape
         if not 0 <= layer_idx < len(self.layers):
             raise InvalidArgument(f"layer {layer_idx} out of range: the cache has {len(self.layers)} layers")
-        if (heads, head_dim) != self._shape:
-            raise ShapeMismatch(f"the pools hold {self._shape[0]} KV heads of {self._shape[1]}, "
-                                f"layer {layer_idx} gave {heads} of {head_dim}")
+        if (heads, head_dim) != self._pools.shapes[layer_idx]:
+            held = self._pools.shapes[layer_idx]
+            raise ShapeMismatch(f"layer {layer_idx} holds {held[0]} KV heads of {held[1]}, got {heads} of {head_dim}")
         if not self._rids:
             self._admit(batch, new)
         elif batch != len(self._rids):
@@ -225,18 +221,12 @@ class PagedCache(_cache_utils.Cache):
         start = self._layer_lens[layer_idx]
         end = start + new
         if (start, end) != self._span:
-            if self._fresh or start != self._length or any(n != start for n in self._layer_lens):
-                expected = "" if self._span is None else f"{self._span[1] - self._span[0]} at {self._span[0]} or "
-                hint = " (after begin(), feed the positions from get_seq_length() on)" if self._fresh else ""
-                raise InvalidArgument(f"layer {layer_idx} brings {new} positions at {start}; the cache expects "
-                                      f"{expected}new positions at {self._length} with every layer in step "
-                                      f"(written: {self._layer_lens}){hint}")
-            self._reserve(new)
+            self._new_step(layer_idx, start, end)
         plan = self._plan if self._plan is not None and self._plan.span == self._span else self._make_plan()
-        self._write(layer_idx, key_states, value_states, plan)
+        self._pools.write(layer_idx, key_states, value_states, plan)
         self._fresh = False
         kv_start = self.layers[layer_idx].kv_start(start)
-        keys, values = self._gather(layer_idx, plan, kv_start, key_states.dtype)
+        keys, values = self._pools.gather(layer_idx, plan, self._lead, kv_start, key_states.dtype)
         if self._verify:
             self._verify = False
             self._check_shared(key_states, keys, plan, kv_start)
@@ -260,14 +250,33 @@ class PagedCache(_cache_utils.Cache):
             raise ShapeMismatch(f"the cache holds {rows} rows, the forward pass has {batch}")
         self._reindex(np.repeat(np.arange(rows), batch // rows))
 
-    def _reserve(self, new: int) -> None:
+    def _new_step(self, layer_idx: int, start: int, end: int) -> None:
+        """Reserve positions ``[start, end)`` for a step that starts where every layer stands, or refuse.
+
+        Right after ``begin`` (nothing cached) a step may bring more than the
+        prompt: speculative decoding verifies the prompt and the first drafts
+        in one forward pass. Otherwise a step starts at the rows' end.
+        """
+        first = self._span[0] if self._fresh and self._span is not None else self._length
+        if start != first or end <= self._length or any(n != start for n in self._layer_lens):
+            expected = (f"{self._length - first} at {first} (the prompt from get_seq_length() on)"
+                        + ("" if first else " or more (the prompt, then drafts)") if self._fresh else
+                        f"new positions at {first} with every layer in step (written: {self._layer_lens})")
+            raise InvalidArgument(f"layer {layer_idx} brings {end - start} positions at {start}; the cache expects "
+                                  f"{expected}")
+        if self._fresh and first and end > self._length:
+            raise InvalidArgument(
+                f"layer {layer_idx} brings {end - start} positions at {start}, more than the {self._length - start} "
+                f"the prompt has after {start} cached ones: transformers' assisted and prompt-lookup decoding feed "
+                "the whole prompt at their first step; start them with begin(..., skip_cached=False)")
+        new = end - self._length
         if new == 1:
             self.manager.append_slots(self._rids)
         else:
             self.manager.extend_batch(self._rids, [new] * len(self._rids))
-        start = self._length
-        self._length, self._span = start + new, (start, start + new)
-        self._skip[:] = 0
+        self._length, self._span = end, (start, end)
+        if not self._fresh:  # begin()'s shared tokens stay unwritten in the step that extends the prompt
+            self._skip[:] = 0
 
     def _make_plan(self) -> StepPlan:
         meta = self.manager.batch_metadata(self._rids, [0] * len(self._rids))
@@ -275,34 +284,6 @@ class PagedCache(_cache_utils.Cache):
         self._plan = plan_step(meta.block_tables, meta.seq_lens, self._lead, self._skip, start, end,
                                self.storage.config.block_size, self.storage.torch_device)
         return self._plan
-
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
-        flat_k = k.transpose(1, 2).reshape(-1, *self._shape)
-        flat_v = v.transpose(1, 2).reshape(-1, *self._shape)
-        if plan.write_rows is not None:
-            flat_k, flat_v = flat_k.index_select(0, plan.write_rows), flat_v.index_select(0, plan.write_rows)
-        if plan.write_slots.size:
-            self.storage.write(layer, plan.write_slots, flat_k, flat_v)
-
-    def _gather(self, layer: int, plan: StepPlan, kv_start: int, dtype: torch.dtype):
-        rows, length = len(self._rids), plan.end - kv_start
-        if self._flat is not None:
-            index = plan.gather_slots[:, kv_start:].reshape(-1)
-            pool_k, pool_v = self._flat[layer]
-            keys = take(pool_k, 0, index).view(rows, length, *self._shape)
-            values = take(pool_v, 0, index).view(rows, length, *self._shape)
-        else:  # quantized pools: dequantized per row by the storage
-            keys = torch.zeros((rows, plan.end, *self._shape), dtype=torch.float32, device=self.storage.torch_device)
-            values = torch.zeros_like(keys)
-            for row in range(rows):
-                n, pad = int(plan.seq_lens[row]), int(self._lead[row])
-                keys[row, pad:pad + n], values[row, pad:pad + n] = self.storage.gather(
-                    layer, plan.block_tables[row], n)
-            keys, values = keys[:, kv_start:], values[:, kv_start:]
-        if plan.pad_mask is not None:
-            hidden = plan.pad_mask[:, kv_start:, None, None]
-            keys, values = keys.masked_fill(hidden, 0), values.masked_fill(hidden, 0)
-        return keys.transpose(1, 2).to(dtype), values.transpose(1, 2).to(dtype)
 
     def _check_shared(self, fresh: torch.Tensor, keys: torch.Tensor, plan: StepPlan, kv_start: int) -> None:
         """Shared tokens must have the keys this forward computed for them, or sharing would change the output."""

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"  # the range the adapter accepts (major version 5)
-TESTED_TRANSFORMERS = "5.23.0"  # the release the test suite runs against
+TESTED_TRANSFORMERS = "5.25.0"  # the release the test suite runs against
 _MAJOR = 5
 _INSTALL_HINT = f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
 
