@@ -12,22 +12,31 @@ Conventions (one everywhere, see docs/backends.md):
 * GQA: query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)``.
 * Softmax in float32 or wider; the output has the query's dtype.
 
-A backend implements :meth:`Attention.plan` (batch-only work, done once per
-step for all layers, FlashInfer's plan/run) and the returned plan's ``run``;
-:class:`AttentionBase` derives the one-call ``decode``/``prefill`` from them.
+A backend subclasses :class:`AttentionBase` and implements ``plan_index``
+(batch-only work, done once per step for all layers, FlashInfer's plan/run)
+and the returned plan's ``run``; the base class derives ``plan`` (which
+validates the raw arrays once with :func:`check_batch`) and the one-call
+``decode``/``prefill`` from them.
+
+``plan_index`` is the lowest public kernel entry: it takes a
+:class:`BatchIndex` as given (an engine that builds its metadata with the
+manager may call it to skip the conversion), so whatever it is handed, a
+backend must never read outside its pool. Each backend either runs the
+shared :func:`check_index_bounds` on the index or checks the ids inside its
+kernel (the torch backend's compiled CPU decode does), raising the same
+typed errors either way.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from .config import CacheConfig
-from .errors import InvalidArgument, OutOfBounds, ShapeMismatch
+from .errors import DeviceMismatch, DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
 from .storage import BlockStorage, as_index_array
 
 __all__ = [
@@ -37,6 +46,9 @@ __all__ = [
     "AttentionPlan",
     "AttentionBase",
     "check_batch",
+    "check_index_shapes",
+    "check_index_bounds",
+    "check_params",
     "check_query",
 ]
 
@@ -45,12 +57,27 @@ Array = Any
 
 @dataclass(frozen=True, slots=True)
 class AttentionParams:
-    """Scalar parameters of one attention call, validated once."""
+    """Scalar parameters of one attention call.
+
+    Validated on construction (not only in :meth:`make`), so a hand-made
+    instance handed to ``plan_index`` cannot carry a value a kernel would
+    turn into garbage (a negative scale, a window of zero).
+    """
 
     scale: float
     causal: bool = True
     sliding_window: int | None = None
     soft_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0:
+            raise InvalidArgument(f"scale must be a positive finite number, got {self.scale}")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < 1):
+            raise InvalidArgument(f"sliding_window must be a positive int or None, got {w!r}")
+        cap = self.soft_cap
+        if cap is not None and (not _is_real(cap) or not math.isfinite(cap) or cap <= 0):
+            raise InvalidArgument(f"soft_cap must be a positive finite number or None, got {cap!r}")
 
     @classmethod
     def make(
@@ -62,25 +89,28 @@ class AttentionParams:
         sliding_window: int | None = None,
         soft_cap: float | None = None,
     ) -> AttentionParams:
+        """Resolve the default scale (``1 / sqrt(head_dim)``), validate, and normalise to Python scalars."""
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        if not math.isfinite(scale) or scale <= 0:
-            raise InvalidArgument(f"scale must be a positive finite number, got {scale}")
-        if sliding_window is not None and (not isinstance(sliding_window, (int, np.integer)) or sliding_window < 1):
-            raise InvalidArgument(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-        if soft_cap is not None and (not math.isfinite(soft_cap) or soft_cap <= 0):
-            raise InvalidArgument(f"soft_cap must be a positive finite number or None, got {soft_cap!r}")
-        return cls(float(scale), bool(causal), None if sliding_window is None else int(sliding_window),
-                   None if soft_cap is None else float(soft_cap))
+        given = cls(scale, causal, sliding_window, soft_cap)  # __post_init__ validates the values as given
+        return cls(float(given.scale), bool(given.causal),
+                   None if given.sliding_window is None else int(given.sliding_window),
+                   None if given.soft_cap is None else float(given.soft_cap))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchIndex:
-    """Validated host index arrays of one batch (int64 NumPy).
+    """Host index arrays of one batch (int64 NumPy).
 
     ``block_tables [batch, max_blocks]``, ``seq_lens [batch]``,
     ``query_start_loc [batch + 1]`` (``arange(batch + 1)`` for decode),
-    ``query_lens [batch]``.
+    ``query_lens [batch]`` (``diff(query_start_loc)``). :func:`check_batch`
+    returns a validated one; a hand-made one is checked again by every
+    ``plan_index`` (:func:`check_index_bounds`, or inside the kernel).
     """
 
     block_tables: np.ndarray
@@ -106,45 +136,164 @@ def check_batch(
 ) -> BatchIndex:
     """Validate a batch's index arrays against a pool; never trust a block id.
 
-    Every block id a sequence's ``seq_len`` reaches must lie inside the pool,
-    so no kernel can be asked to read outside it.
+    Converts the arrays (NumPy, lists, torch or CuPy tensors, any int dtype)
+    to int64 host arrays, then applies :func:`check_index_bounds`: every
+    block id a sequence's ``seq_len`` reaches must lie inside the pool, so no
+    kernel can be asked to read outside it. The result is recognised by
+    :func:`check_index_bounds` (``plan_index``), which does not check it twice.
     """
-    tables = as_index_array(block_tables, "block_tables")
-    lens = as_index_array(seq_lens, "seq_lens")
+    tables = _owned(as_index_array(block_tables, "block_tables"), block_tables)
+    lens = _owned(as_index_array(seq_lens, "seq_lens"), seq_lens)
+    qsl = (np.arange(lens.shape[0] + 1 if lens.ndim == 1 else 1, dtype=np.int64) if query_start_loc is None
+           else _owned(as_index_array(query_start_loc, "query_start_loc"), query_start_loc))
+    _check_shapes(tables, lens, qsl)
+    return _check_values(_check_structure(tables, lens, qsl, None, query_start_loc is None), config)
+
+
+def _owned(array: np.ndarray, given: Any) -> np.ndarray:
+    """``array`` read-only, copied first unless the conversion already made it a fresh, unshared array."""
+    if array is given or not array.flags.owndata or not array.flags.c_contiguous:  # shared with the caller
+        array = np.array(array, dtype=np.int64, order="C")
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckedIndex(BatchIndex):
+    """An index a check passed: its arrays are read-only copies the check made.
+
+    ``checked`` records ``(num_blocks, block_size, is_decode, *arrays)`` as
+    checked (``num_blocks = -1``: shapes only). The index is trusted again
+    only while its fields are those very arrays, still read-only, and the
+    pool geometry matches, so ``dataclasses.replace`` with other arrays, or
+    an index reused on a smaller pool, is checked afresh.
+    """
+
+    checked: tuple = ()
+
+    def passed(self, num_blocks: int | None, block_size: int | None) -> bool:
+        """Whether this index passed the bounds check for that pool (``None, None``: the shape check)."""
+        if len(self.checked) != 7:
+            return False
+        blocks, size, decode, *arrays = self.checked
+        if num_blocks is not None and (blocks, size) != (num_blocks, block_size):
+            return False
+        mine = (self.block_tables, self.seq_lens, self.query_start_loc, self.query_lens)
+        return decode == self.is_decode and all(a is b and not a.flags.writeable for a, b in zip(mine, arrays))
+
+
+def _check_shapes(tables: np.ndarray, lens: np.ndarray, qsl: np.ndarray) -> None:
     if tables.ndim != 2:
         raise ShapeMismatch(f"block_tables must be [batch, max_blocks], got shape {tables.shape}")
     if lens.shape != (tables.shape[0],):
         raise ShapeMismatch(f"seq_lens must be [{tables.shape[0]}], got shape {lens.shape}")
+    if qsl.shape != (lens.size + 1,):
+        raise ShapeMismatch(f"query_start_loc must be [{lens.size + 1}], got shape {qsl.shape}")
+
+
+def _host_ints(values: Any, name: str) -> np.ndarray:
+    """A read-only int64 copy of an index array: later writes to the caller's array cannot reach a kernel."""
+    if not isinstance(values, np.ndarray):
+        raise DTypeMismatch(f"BatchIndex.{name} must be a host numpy.ndarray, got {type(values).__name__}")
+    if values.size and values.dtype.kind not in "iu":
+        raise DTypeMismatch(f"BatchIndex.{name} must hold integers, got dtype {values.dtype}")
+    copy = np.array(values, dtype=np.int64, order="C")
+    copy.flags.writeable = False
+    return copy
+
+
+def check_index_shapes(index: BatchIndex) -> BatchIndex:
+    """The structure of a (possibly hand-made) index: what a kernel sizes its buffers by. O(batch).
+
+    Checks that the arrays are host integer arrays of consistent shapes,
+    that ``query_start_loc`` starts at 0, never decreases and agrees with
+    ``query_lens``, and that a decode index has one query per sequence.
+    Block ids and lengths are not looked at: that is
+    :func:`check_index_bounds`, or a kernel that checks them itself. Returns
+    the index with read-only int64 copies of its arrays, so the caller's
+    arrays can change afterwards without reaching the kernel (an index a
+    check already returned is returned as it is).
+    """
+    if isinstance(index, _CheckedIndex) and index.passed(None, None):
+        return index
+    if not isinstance(index, BatchIndex):
+        raise InvalidArgument(f"plan_index needs a BatchIndex, got {type(index).__name__}")
+    tables = _host_ints(index.block_tables, "block_tables")
+    lens = _host_ints(index.seq_lens, "seq_lens")
+    qsl = _host_ints(index.query_start_loc, "query_start_loc")
+    qlens = _host_ints(index.query_lens, "query_lens")
+    _check_shapes(tables, lens, qsl)
+    return _check_structure(tables, lens, qsl, qlens, bool(index.is_decode))
+
+
+def _check_structure(tables: np.ndarray, lens: np.ndarray, qsl: np.ndarray, qlens: np.ndarray | None,
+                     is_decode: bool) -> _CheckedIndex:
+    """The O(batch) part of :func:`check_index_shapes`, on arrays of checked shapes that it owns.
+
+    ``qlens=None``: derive the query lengths from ``qsl`` (``check_batch``).
+    """
+    steps = qsl[1:] - qsl[:-1]
+    if qsl[0] != 0 or (steps < 0).any():
+        raise InvalidArgument("query_start_loc must start at 0 and never decrease")
+    if qlens is None:
+        qlens = steps
+    elif qlens.shape != lens.shape or (qlens != steps).any():
+        raise InvalidArgument("query_lens must equal diff(query_start_loc)")
+    if is_decode and (qlens != 1).any():
+        raise InvalidArgument("a decode index has exactly one query per sequence (query_start_loc = arange(batch + 1))")
+    for array in (tables, lens, qsl, qlens):
+        array.flags.writeable = False
+    return _CheckedIndex(tables, lens, qsl, qlens, is_decode, (-1, -1, is_decode, tables, lens, qsl, qlens))
+
+
+def check_index_bounds(index: BatchIndex, config: CacheConfig) -> BatchIndex:
+    """Everything a kernel reading ``index`` over a pool of ``config`` needs to stay inside the pool.
+
+    :func:`check_index_shapes`, then: ``seq_lens >= 0`` (``>= 1`` for
+    decode: the current token is in the cache), ``seq_len <= max_blocks *
+    block_size`` (:class:`OutOfBounds`), every block id a sequence's
+    ``seq_len`` reaches in ``[0, num_blocks)`` (:class:`InvalidBlock`, with
+    the first bad id and where it sits; entries past a sequence's last block
+    are padding and never read), and no sequence with more queries than
+    cached tokens. Vectorised, O(batch x max_blocks). Returns the index with
+    read-only int64 copies of its arrays; an index this function returned
+    for the same pool geometry (``check_batch``'s result, say) is returned
+    at once, so ``plan`` followed by ``plan_index`` checks a batch once.
+    """
+    if isinstance(index, _CheckedIndex) and index.passed(config.num_blocks, config.block_size):
+        return index
+    return _check_values(check_index_shapes(index), config)
+
+
+def _check_values(index: _CheckedIndex, config: CacheConfig) -> _CheckedIndex:
+    """The lengths and ids of an index whose structure passed, against a pool (see :func:`check_index_bounds`)."""
+    tables, lens = index.block_tables, index.seq_lens
     if (lens < 0).any():
         raise InvalidArgument(f"seq_lens must be >= 0, got {int(lens.min())}")
     capacity = tables.shape[1] * config.block_size
     if lens.size and int(lens.max()) > capacity:
         raise OutOfBounds(int(lens.max()) - 1, capacity)
     blocks_used = -(-lens // config.block_size)
-    used = np.arange(tables.shape[1])[None, :] < blocks_used[:, None]
-    bad = used & ((tables < 0) | (tables >= config.num_blocks))
+    bad = tables.view(np.uint64) >= config.num_blocks  # one unsigned compare: a negative id reads as a huge one
+    bad &= np.arange(tables.shape[1])[None, :] < blocks_used[:, None]
     if bad.any():
-        from .errors import InvalidBlock
-
         row, col = np.argwhere(bad)[0]
         raise InvalidBlock(int(tables[row, col]), config.num_blocks, f"block_tables[{row}, {col}]")
-    if query_start_loc is None:
-        qsl = np.arange(lens.size + 1, dtype=np.int64)
-        is_decode = True
-        if (lens < 1).any():
-            raise InvalidArgument("decode needs seq_lens >= 1 (the current token is in the cache)")
-    else:
-        qsl = as_index_array(query_start_loc, "query_start_loc")
-        is_decode = False
-        if qsl.shape != (lens.size + 1,):
-            raise ShapeMismatch(f"query_start_loc must be [{lens.size + 1}], got shape {qsl.shape}")
-        if qsl[0] != 0 or (np.diff(qsl) < 0).any():
-            raise InvalidArgument("query_start_loc must start at 0 and never decrease")
-    qlens = np.diff(qsl)
+    if index.is_decode and (lens < 1).any():
+        raise InvalidArgument("decode needs seq_lens >= 1 (the current token is in the cache)")
+    qlens = index.query_lens
     if (qlens > lens).any():
         i = int(np.argmax(qlens > lens))
         raise InvalidArgument(f"sequence {i} has {int(qlens[i])} queries but only {int(lens[i])} cached tokens")
-    return BatchIndex(tables, lens, qsl, qlens, is_decode)
+    arrays = (tables, lens, index.query_start_loc, qlens)
+    return _CheckedIndex(*arrays, index.is_decode, (config.num_blocks, config.block_size, index.is_decode, *arrays))
+
+
+def check_params(params: AttentionParams) -> AttentionParams:
+    """``params`` if it is an :class:`AttentionParams` (whose constructor validated its values), else an error."""
+    if not isinstance(params, AttentionParams):
+        raise InvalidArgument(f"params must be AttentionParams (see AttentionParams.make), got {type(params).__name__}")
+    return params
 
 
 def check_query(q_shape: tuple[int, ...], index: BatchIndex, config: CacheConfig) -> int:
@@ -171,7 +320,12 @@ class AttentionPlan(Protocol):
 
 @runtime_checkable
 class Attention(Protocol):
-    """Paged attention over a backend's storage."""
+    """Paged attention over a backend's storage.
+
+    Attentions built on :class:`AttentionBase` also have ``plan_index``, the
+    lower entry that takes a :class:`BatchIndex`; it is not part of this
+    protocol, so an attention written to the protocol alone stays one.
+    """
 
     def plan(
         self,
@@ -218,22 +372,94 @@ class Attention(Protocol):
         """``q: [total_queries, num_q_heads, head_dim]``; ``query_start_loc: int32 [batch + 1]``."""
 
 
-class AttentionBase(ABC):
-    """Derives the one-call forms from ``plan``; a backend subclasses this and writes ``plan``."""
+class AttentionBase:
+    """What a backend's attention subclasses: it writes ``plan_index``, the rest is derived.
 
-    @abstractmethod
-    def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
-             sliding_window=None, soft_cap=None) -> AttentionPlan:
-        """See :meth:`Attention.plan`."""
+    ``plan`` validates the raw arrays once (:func:`check_batch`,
+    :meth:`AttentionParams.make`) and hands the :class:`BatchIndex` to
+    ``plan_index``; ``decode``/``prefill`` are ``plan(...).run(q, layer)``.
 
-    def decode(self, q, storage, layer, block_tables, seq_lens, *, scale=None, sliding_window=None,
-               soft_cap=None):
+    ``plan_index(storage, index, params)`` is the lowest public kernel entry
+    and takes a hand-made index too, so an implementation must keep every
+    read inside the pool whatever the index holds: run
+    :func:`check_index_bounds` on it, or check each block id and length in
+    the kernel before reading, raising the same typed errors. Keep the
+    storage type/device checks there as well.
+
+    A subclass written before ``plan_index`` existed overrides ``plan``
+    instead; it inherits a ``plan_index`` that checks the index with
+    :func:`check_index_bounds` and passes it to that ``plan``. A subclass
+    must override one of the two.
+    """
+
+    storage_type: ClassVar[type | None] = None
+    """The storage class this attention runs on (``None``: any with a config); others raise ``DeviceMismatch``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AttentionBase:
+        if cls.plan is AttentionBase.plan and cls.plan_index is AttentionBase.plan_index:
+            raise TypeError(f"Can't instantiate {cls.__name__}: an AttentionBase subclass implements plan_index "
+                            "(or, as before plan_index existed, plan)")
+        return super().__new__(cls)
+
+    def check_storage(self, storage: BlockStorage) -> CacheConfig:
+        """``storage``'s config, after refusing a storage of another backend (the same error in every backend).
+
+        ``plan`` calls it before touching the arrays; a ``plan_index``
+        implementation calls it first too, since it is public.
+        """
+        kind = self.storage_type
+        if kind is not None and not isinstance(storage, kind):
+            raise DeviceMismatch(f"{type(self).__name__} runs on a {kind.__name__}, got {type(storage).__name__} "
+                                 f"on device {getattr(storage, 'device', '?')!r}")
+        config = getattr(storage, "config", None)
+        if not isinstance(config, CacheConfig):
+            raise DeviceMismatch(f"{type(self).__name__} needs a backend storage with a CacheConfig, "
+                                 f"got {type(storage).__name__}")
+        return config
+
+    def plan(self, storage: BlockStorage, block_tables: Array, seq_lens: Array,
+             query_start_loc: Array | None = None, *, causal: bool = True, scale: float | None = None,
+             sliding_window: int | None = None, soft_cap: float | None = None) -> AttentionPlan:
+        """Validate a batch once and plan it (see :meth:`Attention.plan`).
+
+        ``block_tables: int [batch, max_blocks]``, ``seq_lens: int [batch]``,
+        ``query_start_loc: int [batch + 1]`` or ``None`` for decode; host
+        NumPy arrays, lists or the backend's tensors. Typed errors of
+        :mod:`pagedkv_core.errors` before any work.
+        """
+        config = self.check_storage(storage)
+        index = check_batch(config, block_tables, seq_lens, query_start_loc)
+        params = AttentionParams.make(config.head_dim, scale=scale, causal=causal, sliding_window=sliding_window,
+                                      soft_cap=soft_cap)
+        return self.plan_index(storage, index, params)
+
+    def plan_index(self, storage: BlockStorage, index: BatchIndex, params: AttentionParams) -> AttentionPlan:
+        """Plan an already-built index: the lowest public kernel entry (see the class doc).
+
+        This default serves subclasses that override ``plan`` only: the index
+        is checked with :func:`check_index_bounds` and given to their ``plan``
+        as arrays (which validates it again; they never see an unchecked id).
+        """
+        if type(self).plan is AttentionBase.plan:  # __new__ refuses such classes; guard against recursion anyway
+            raise TypeError(f"{type(self).__name__} implements neither plan_index nor plan")
+        config = self.check_storage(storage)
+        index = check_index_bounds(index, config)
+        params = check_params(params)
+        return self.plan(storage, index.block_tables, index.seq_lens,
+                         None if index.is_decode else index.query_start_loc, causal=params.causal,
+                         scale=params.scale, sliding_window=params.sliding_window, soft_cap=params.soft_cap)
+
+    def decode(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array, *,
+               scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+        """See :meth:`Attention.decode`."""
         plan = self.plan(storage, block_tables, seq_lens, None, scale=scale,
                          sliding_window=sliding_window, soft_cap=soft_cap)
         return plan.run(q, layer)
 
-    def prefill(self, q, storage, layer, block_tables, seq_lens, query_start_loc, *, causal=True,
-                scale=None, sliding_window=None, soft_cap=None):
+    def prefill(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array,
+                query_start_loc: Array, *, causal: bool = True, scale: float | None = None,
+                sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+        """See :meth:`Attention.prefill`."""
         plan = self.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
                          sliding_window=sliding_window, soft_cap=soft_cap)
         return plan.run(q, layer)

@@ -114,3 +114,39 @@ def test_declared_expected_failures_are_strict_and_unmatched_ones_reported(pytes
     outcomes = result.parseoutcomes()
     assert outcomes["xfailed"] == 2 and "failed" not in outcomes
     result.stdout.fnmatch_lines(["*declared expected failure of mini-cpu matches no check: 'attention::no-such-check'*"])
+
+
+PROTOCOL_ONLY = textwrap.dedent('''
+    class ProtocolOnlyAttention:
+        """The Attention protocol by delegation, without AttentionBase: it has no plan_index."""
+
+        def __init__(self):
+            self.inner = MiniAttention()
+
+        def plan(self, *args, **kwargs):
+            return self.inner.plan(*args, **kwargs)
+
+        def decode(self, *args, **kwargs):
+            return self.inner.decode(*args, **kwargs)
+
+        def prefill(self, *args, **kwargs):
+            return self.inner.prefill(*args, **kwargs)
+
+    proto = MiniBackend('proto')
+    proto.attention = ProtocolOnlyAttention()
+    register_backend(proto)
+''')
+
+
+def test_kernel_bounds_run_through_the_inherited_plan_index_and_skip_without_one(pytester):
+    """A backend that overrides only ``plan`` gets a bounds-checking ``plan_index`` from AttentionBase; one that
+    implements only the protocol has no lower entry to check, and each check says so."""
+    pytester.makeconftest(MINI_BACKEND + "\nregister_backend(MiniBackend('mini'))\n" + PROTOCOL_ONLY)
+    args = ("--pyargs", "pagedkv_conformance.checks.test_kernel_bounds", "-m", "not slow", "-rs",
+            "-p", "no:cacheprovider", "-o", "addopts=")
+    mini = pytester.runpytest_subprocess(*args, "--pagedkv-backend", "mini").parseoutcomes()
+    assert mini["passed"] >= 17 and "skipped" not in mini and "failed" not in mini
+    proto = pytester.runpytest_subprocess(*args, "--pagedkv-backend", "proto")
+    outcomes = proto.parseoutcomes()
+    assert outcomes["skipped"] == mini["passed"] and "passed" not in outcomes and "failed" not in outcomes
+    proto.stdout.fnmatch_lines(["*proto-cpu: its attention has no plan_index*"])

@@ -1,7 +1,10 @@
 """Paged attention over a :class:`CupyStorage` with the CUDA kernels of ``kernels.cu``.
 
-``plan`` validates the batch (``check_batch``) and uploads its index arrays
-once per step; the plan's ``run(q, layer)`` only launches kernels, so a model
+``plan`` validates the batch (``check_batch``) and hands it to
+``plan_index``, whose plan bounds-checks the index again on the host
+(``check_index_bounds``: it may be hand-made, and the kernels skip an
+out-of-range id silently rather than fail) and uploads its index arrays once
+per step; the plan's ``run(q, layer)`` only launches kernels, so a model
 calls it once per layer. A batch whose sequences each have exactly one query
 runs the split-K decode kernel (plus its reduction when a context was split);
 any other batch runs the prefill kernel.
@@ -13,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
-from pagedkv_core.errors import DTypeMismatch, InvalidArgument, UnsupportedOperation
+from pagedkv_core.attention import (
+    AttentionBase,
+    AttentionParams,
+    BatchIndex,
+    check_index_bounds,
+    check_params,
+    check_query,
+)
+from pagedkv_core.errors import DTypeMismatch, UnsupportedOperation
 
 from .convert import contiguous
 from .kernels import MAX_HEAD_DIM, ModuleKey, decode_name, prefill_name, reduce_name
@@ -27,25 +37,21 @@ QUERY_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class CupyAttention(AttentionBase):
-    """Paged decode and prefill with CUDA kernels (decode/prefill derive from :meth:`plan`)."""
+    """Paged decode and prefill with CUDA kernels (``plan``, ``decode`` and ``prefill`` derive from :meth:`plan_index`).
 
-    def plan(self, storage: CupyStorage, block_tables: Any, seq_lens: Any, query_start_loc: Any = None, *,
-             causal: bool = True, scale: float | None = None, sliding_window: int | None = None,
-             soft_cap: float | None = None) -> CupyAttentionPlan:
-        """Validate and upload a batch.
+    ``plan`` (inherited) takes ``block_tables``: int ``[batch, max_blocks]``;
+    ``seq_lens``: int ``[batch]`` (cached tokens, queries included);
+    ``query_start_loc``: int ``[batch + 1]`` or None for decode — host NumPy
+    or device arrays — validates them once and calls :meth:`plan_index`.
+    """
 
-        ``block_tables``: int ``[batch, max_blocks]``; ``seq_lens``: int
-        ``[batch]`` (cached tokens, queries included); ``query_start_loc``: int
-        ``[batch + 1]`` or None for decode. Host NumPy or device arrays.
-        """
-        if not isinstance(storage, CupyStorage):
-            raise InvalidArgument(f"cupy attention needs a CupyStorage, got {type(storage).__name__}")
-        config = storage.config
+    storage_type = CupyStorage
+
+    def plan_index(self, storage: CupyStorage, index: BatchIndex, params: AttentionParams) -> CupyAttentionPlan:
+        """Check and upload a batch; ``index`` may be hand-made (the plan bounds-checks it on the host)."""
+        config = self.check_storage(storage)
         if config.head_dim > MAX_HEAD_DIM:
             raise UnsupportedOperation(f"cupy attention supports head_dim <= {MAX_HEAD_DIM}, got {config.head_dim}")
-        index = check_batch(config, block_tables, seq_lens, query_start_loc)
-        params = AttentionParams.make(config.head_dim, scale=scale, causal=causal,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
         return CupyAttentionPlan(storage, index, params)
 
 
@@ -53,9 +59,11 @@ class CupyAttentionPlan:
     """One batch's device index arrays and launch geometry; ``run`` per layer."""
 
     def __init__(self, storage: CupyStorage, index: BatchIndex, params: AttentionParams) -> None:
+        # the kernels skip ids outside the pool silently (a wrong result, not an error): refuse them here
+        index = check_index_bounds(index, storage.config)
         self.storage = storage
         self.index = index
-        self.params = params
+        self.params = check_params(params)
         self.is_decode = index.num_queries == index.batch and bool((index.query_lens == 1).all())
         rt = storage.runtime
         c = storage.config

@@ -7,7 +7,14 @@ import pytest
 from cupy_cases import block_tables, check_attention, config, fill
 
 import pagedkv_cupy.launch as launch
-from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidBlock, ShapeMismatch, UnsupportedOperation
+from pagedkv_core.errors import (
+    DeviceMismatch,
+    DTypeMismatch,
+    InvalidBlock,
+    OutOfBounds,
+    ShapeMismatch,
+    UnsupportedOperation,
+)
 
 # (query dtype, pool dtype): float pools take queries of their own dtype, int8 pools any float.
 COMBOS = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"), ("float16", "int8")]
@@ -184,3 +191,32 @@ def test_prefill_without_queries_returns_empty(cupy_target):
     out = cupy_target.attention.prefill(cupy_target.put(np.zeros((0, 4, 16)), "float32"), storage, 0, tables, lens,
                                    np.array([0, 0, 0]))
     assert tuple(out.shape) == (0, 4, 16)
+
+
+@pytest.mark.parametrize("bad_id", [100, 10**6, -1], ids=["100", "1e6", "-1"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_plan_index_refuses_a_hand_made_index_before_any_launch(cupy_target, prefill, bad_id):
+    """The kernels would skip an out-of-range id silently (a wrong result): the plan refuses it on the host."""
+    from dataclasses import replace
+
+    from pagedkv_core.attention import AttentionParams, BatchIndex
+
+    storage, tables, lens, _, _ = setup(cupy_target, "float32", [20, 8])
+    qsl = np.array([0, 3, 5]) if prefill else np.arange(3)
+    good = BatchIndex(tables.astype(np.int64), lens.astype(np.int64), qsl, np.diff(qsl), not prefill)
+    bad_tables = good.block_tables.copy()
+    bad_tables[0, 1] = bad_id  # 20 tokens of 16-token blocks: column 1 is read
+    params = AttentionParams.make(16)
+    before = cupy_target.launch_count()
+    with pytest.raises(InvalidBlock) as info:
+        cupy_target.attention.plan_index(storage, replace(good, block_tables=bad_tables), params)
+    assert info.value.block_id == bad_id
+    too_long = good.seq_lens.copy()
+    too_long[1] = good.block_tables.shape[1] * 16 + 1
+    with pytest.raises(OutOfBounds):
+        cupy_target.attention.plan_index(storage, replace(good, seq_lens=too_long), params)
+    assert cupy_target.launch_count() == before
+    q = cupy_target.put(np.random.default_rng(4).standard_normal((int(qsl[-1]), 4, 16)), "float32")
+    got = cupy_target.get(cupy_target.attention.plan_index(storage, good, params).run(q, 1))
+    want = cupy_target.get(cupy_target.attention.plan(storage, tables, lens, qsl if prefill else None).run(q, 1))
+    np.testing.assert_array_equal(got, want)

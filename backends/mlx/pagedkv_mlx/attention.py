@@ -1,7 +1,8 @@
 """Paged attention over MLX block pools: plan once per step, run per layer.
 
 ``plan`` validates the batch with the core's ``check_batch`` (typed errors,
-before any work), lays it out on the host (:class:`BatchLayout`: visible
+before any work) and hands it to ``plan_index``, whose plan bounds-checks the
+index again (``check_index_bounds``: it may be hand-made), lays it out on the host (:class:`BatchLayout`: visible
 blocks per sequence, masks) and builds one of two kernels, chosen per device
 by measurement (``docs/benchmarks-mlx.md``):
 
@@ -23,7 +24,14 @@ from typing import Any, Literal
 import mlx.core as mx
 import numpy as np
 
-from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
+from pagedkv_core.attention import (
+    AttentionBase,
+    AttentionParams,
+    BatchIndex,
+    check_index_bounds,
+    check_params,
+    check_query,
+)
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument
 
 from .arrays import FLOAT_MX, bf16_bits_to_f32, dtype_name, host_view
@@ -53,7 +61,9 @@ class MlxPlan:
     """
 
     def __init__(self, storage: MlxStorage, index: BatchIndex, params: AttentionParams, kernel: str) -> None:
-        self.storage, self.index, self.params, self.kernel_name = storage, index, params, kernel
+        # the layout and both kernels gather through these ids unchecked (MLX's take does not bounds-check)
+        index = check_index_bounds(index, storage.config)
+        self.storage, self.index, self.params, self.kernel_name = storage, index, check_params(params), kernel
         self.layout = BatchLayout.build(index, storage.config.block_size, params)
         self.kernel: HostKernel | GraphKernel | None = None  # None: no sequence has a query
         if self.layout.rows and kernel == "host":
@@ -101,27 +111,20 @@ class MlxAttention(AttentionBase):
     ``kernel``: ``"auto"`` (``host`` on ``cpu``, ``mlx`` on ``gpu``), or force one.
     """
 
+    storage_type = MlxStorage
+
     def __init__(self, kernel: KernelName = "auto") -> None:
         if kernel not in ("auto", "host", "mlx"):
             raise InvalidArgument(f"kernel must be 'auto', 'host' or 'mlx', got {kernel!r}")
         self.kernel = kernel
 
-    def plan(self, storage: MlxStorage, block_tables: Any, seq_lens: Any, query_start_loc: Any | None = None, *,
-             causal: bool = True, scale: float | None = None, sliding_window: int | None = None,
-             soft_cap: float | None = None) -> MlxPlan:
-        """Validate a batch and prepare it for every layer.
+    def plan_index(self, storage: MlxStorage, index: BatchIndex, params: AttentionParams) -> MlxPlan:
+        """Prepare a batch for every layer; ``index`` may be hand-made (the plan bounds-checks it).
 
-        ``block_tables [batch, max_blocks]``, ``seq_lens [batch]`` and
-        ``query_start_loc [batch + 1]``: integer NumPy or MLX arrays (or
-        lists); ``query_start_loc=None`` means decode, one query per
-        sequence. Raises the typed errors of ``pagedkv_core.errors`` before
-        any work.
+        ``plan`` (inherited) takes the raw arrays — integer NumPy or MLX
+        arrays, or lists; ``query_start_loc=None`` means decode — validates
+        them once and calls this.
         """
-        if not isinstance(storage, MlxStorage):
-            raise DeviceMismatch(f"mlx attention runs on an MlxStorage, got {type(storage).__name__} "
-                                 f"on device {getattr(storage, 'device', '?')!r}")
-        index = check_batch(storage.config, block_tables, seq_lens, query_start_loc)
-        params = AttentionParams.make(storage.config.head_dim, scale=scale, causal=causal,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
+        self.check_storage(storage)
         kernel = self.kernel if self.kernel != "auto" else ("host" if storage.device == "cpu" else "mlx")
         return MlxPlan(storage, index, params, kernel)

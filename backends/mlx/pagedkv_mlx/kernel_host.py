@@ -60,7 +60,7 @@ class _Gather:
         if self._raw is None or self._raw.dtype != pool.dtype or self._raw.size < n:
             self._raw = np.empty(max(n, self.elems), pool.dtype)
         raw = self._raw[:n].reshape(*ids.shape, self.elems)
-        np.take(pool, ids, axis=0, out=raw, mode="clip")  # clip: no buffering; ids were validated
+        np.take(pool, ids, axis=0, out=raw, mode="clip")  # clip: no buffering; MlxPlan bounds-checked the ids
         if pool.dtype == np.float32:
             return raw.reshape(shape)
         if self._f32.size < n:

@@ -139,3 +139,22 @@ def test_backend_attention_picks_host_kernel_on_cpu(backend, rng):
     storage = filled_storage(backend, "float32", 2, 4)
     plan = backend.attention.plan(storage, np.array([[1, 2]]), np.array([6]))
     assert plan.kernel_name == "host"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name", ["decode-window-softcap", "prefill-chunked-ragged"])
+def test_plan_index_with_a_hand_made_index_matches_plan(backend, rng, kernel, name):
+    from pagedkv_core.attention import AttentionParams, BatchIndex
+
+    case = CASES[name]
+    storage = filled_storage(backend, "float16", case.heads, case.block_size)
+    tables = random_tables(rng, case.seq_lens, storage.config)
+    padded = np.where(tables < 0, 10**6, tables)  # padding past a sequence's blocks: never read, whatever it is
+    lens = np.asarray(case.seq_lens, np.int64)
+    qsl = np.arange(lens.size + 1) if case.q_lens is None else np.concatenate([[0], np.cumsum(case.q_lens)])
+    q = backend.asarray(rng.standard_normal((int(qsl[-1]), case.q_heads, 8)), "cpu", "float16")
+    index = BatchIndex(padded.astype(np.int64), lens, qsl, np.diff(qsl), case.q_lens is None)
+    attention = MlxAttention(kernel)
+    got = attention.plan_index(storage, index, AttentionParams.make(8, **case.kwargs)).run(q, 1)
+    want = attention.plan(storage, tables, lens, None if case.q_lens is None else qsl, **case.kwargs).run(q, 1)
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))

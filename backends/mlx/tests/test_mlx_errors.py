@@ -151,3 +151,30 @@ def test_bad_storage_requests(backend):
     if not backend.probe("gpu").available:
         with pytest.raises(BackendUnavailable, match="no GPU"):
             backend.create_storage(make_config(), "gpu")
+
+
+HAND_MADE = {  # (block_tables, seq_lens) of a hand-made BatchIndex (no check_batch) -> error; the pool has 48 blocks
+    "block-id-100": (([[1, 100], [3, 4]], [5, 6]), InvalidBlock),
+    "block-id-1e6": (([[1, 2], [3, 10**6]], [5, 6]), InvalidBlock),
+    "block-id-minus-1": (([[-1, 2], [3, 4]], [5, 6]), InvalidBlock),
+    "seq-len-past-table": (([[1, 2], [3, 4]], [5, 9]), OutOfBounds),
+}
+
+
+@pytest.mark.parametrize("kernel", ["host", "mlx"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("case", list(HAND_MADE), ids=list(HAND_MADE))
+def test_hand_made_index_is_refused_by_plan_index(backend, storage, case, prefill, kernel):
+    """Both kernels gather through the ids unchecked (MLX's take would read anywhere): the plan checks first."""
+    from pagedkv_core.attention import AttentionParams, BatchIndex
+
+    (tables, lens), error = HAND_MADE[case]
+    qsl = np.array([0, 2, 3]) if prefill else np.arange(3)
+    index = BatchIndex(np.array(tables, np.int64), np.array(lens, np.int64), qsl, np.diff(qsl), not prefill)
+    q = backend.asarray(np.zeros((int(qsl[-1]), 4, 8)), "cpu", "float32")
+    before = snapshot(storage)
+    with pytest.raises(error):
+        MlxAttention(kernel).plan_index(storage, index, AttentionParams.make(8)).run(q, 0)
+    assert_unchanged(storage, before)
+    with pytest.raises(DeviceMismatch, match="MlxStorage"):
+        MlxAttention(kernel).plan_index(object(), index, AttentionParams.make(8))

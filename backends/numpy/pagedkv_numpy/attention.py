@@ -3,7 +3,10 @@
 BLAS cannot follow a block table, so in NumPy the whole cost of paging is the
 gather. Both paths gather whole blocks with ``np.take`` (``mode="clip"``: no
 output buffering, and no index can leave the pool) into scratch buffers the
-plan owns, and run the grouped matmul on them:
+plan owns, and run the grouped matmul on them (the plan bounds-checks its
+index first, :func:`~pagedkv_core.attention.check_index_bounds`, so a
+hand-made index given to ``plan_index`` raises instead of reading the wrong
+blocks):
 
 * **decode** batches sequences. Tiles of blocks, sized so one tile of K or V
   stays in cache, are gathered and multiplied while hot, so the pool is read
@@ -31,7 +34,14 @@ from functools import partial
 
 import numpy as np
 
-from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_query
+from pagedkv_core.attention import (
+    AttentionBase,
+    AttentionParams,
+    BatchIndex,
+    check_index_bounds,
+    check_params,
+    check_query,
+)
 from pagedkv_core.decode_tiles import DecodeTile, plan_decode_tiles
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, ShapeMismatch
 
@@ -258,6 +268,8 @@ class NumpyPlan:
     """
 
     def __init__(self, storage: NumpyStorage, index: BatchIndex, params: AttentionParams) -> None:
+        # np.take(mode="clip") cannot leave the pool, but a bad id would still read the wrong block: refuse it
+        index = check_index_bounds(index, storage.config)
         self.storage, self.index, self.params = storage, index, params
         self.cdtype = _compute_dtype(storage.np_dtype)
         self._scores: np.ndarray | None = None
@@ -386,23 +398,17 @@ class NumpyPlan:
 
 
 class NumpyAttention(AttentionBase):
-    """Paged decode and prefill over a :class:`NumpyStorage` (float64/32/16 and int8 pools)."""
+    """Paged decode and prefill over a :class:`NumpyStorage` (float64/32/16 and int8 pools).
 
-    def plan(self, storage: NumpyStorage, block_tables, seq_lens, query_start_loc=None, *, causal: bool = True,
-             scale: float | None = None, sliding_window: int | None = None,
-             soft_cap: float | None = None) -> NumpyPlan:
-        """Validate a batch and prepare it for every layer.
+    ``plan(storage, block_tables, seq_lens, query_start_loc=None, **params)``
+    (inherited) validates the raw arrays once — integer NumPy arrays or
+    lists, any int dtype; ``query_start_loc=None`` means decode — and calls
+    :meth:`plan_index`.
+    """
 
-        ``block_tables [batch, max_blocks]``, ``seq_lens [batch]`` and
-        ``query_start_loc [batch + 1]`` are integer NumPy arrays or lists
-        (any int dtype); ``query_start_loc=None`` means decode, one query per
-        sequence. Raises the typed errors of ``pagedkv_core.errors`` before
-        any work.
-        """
-        if not isinstance(storage, NumpyStorage):
-            raise DeviceMismatch(f"numpy attention runs on a NumpyStorage, got {type(storage).__name__} "
-                                 f"on device {getattr(storage, 'device', '?')!r}")
-        index = check_batch(storage.config, block_tables, seq_lens, query_start_loc)
-        params = AttentionParams.make(storage.config.head_dim, scale=scale, causal=causal,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
-        return NumpyPlan(storage, index, params)
+    storage_type = NumpyStorage
+
+    def plan_index(self, storage: NumpyStorage, index: BatchIndex, params: AttentionParams) -> NumpyPlan:
+        """Prepare a batch for every layer; ``index`` may be hand-made (the plan bounds-checks it)."""
+        self.check_storage(storage)
+        return NumpyPlan(storage, index, check_params(params))

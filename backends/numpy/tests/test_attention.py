@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pagedkv_conformance.oracle import reference_attention
+from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_index_bounds
 from pagedkv_core.config import CacheConfig
 from pagedkv_core.errors import (
     DeviceMismatch,
@@ -413,3 +414,151 @@ def test_bad_scalar_parameters(small: Batch, kwargs: dict) -> None:
 def test_non_integer_index_arrays(small: Batch) -> None:
     with pytest.raises(InvalidArgument, match="integers"):
         NumpyAttention().plan(small.storage, small.tables.astype(np.float32), small.seq_lens, small.qsl)
+
+
+# -- plan_index: a hand-made BatchIndex at the lowest kernel entry (issue #15, item 10) ---------------------
+
+
+def _index(batch: Batch, tables=None, lens=None, dtype=np.int64) -> BatchIndex:
+    """The batch as an engine would hand it to ``plan_index``: built by hand, no ``check_batch``."""
+    tables = np.asarray(batch.tables if tables is None else tables, dtype)
+    lens = np.asarray(batch.seq_lens if lens is None else lens, dtype)
+    qsl = np.arange(lens.size + 1, dtype=dtype) if batch.qsl is None else np.asarray(batch.qsl, dtype)
+    return BatchIndex(tables, lens, qsl, np.diff(qsl), batch.qsl is None)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32], ids=["int64", "int32"])
+def test_plan_index_matches_plan(small: Batch, decode: bool, dtype) -> None:
+    batch = replace(small, qsl=None, q=small.q[:3]) if decode else small
+    params = AttentionParams.make(64, sliding_window=7, soft_cap=5.0)
+    got = NumpyAttention().plan_index(batch.storage, _index(batch, dtype=dtype), params).run(batch.q, 0)
+    want = NumpyAttention().plan(batch.storage, batch.tables, batch.seq_lens, batch.qsl, sliding_window=7,
+                                 soft_cap=5.0).run(batch.q, 0)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bad_id", [100, 10**6, -1, 2**32 + 3], ids=["100", "1e6", "-1", "past-int32"])
+def test_plan_index_refuses_out_of_range_ids(small: Batch, bad_id: int) -> None:
+    tables = small.tables.astype(np.int64)
+    tables[1, 2] = bad_id  # block 2 holds tokens 16..17 of the 17-token sequence
+    with pytest.raises(InvalidBlock, match=r"block_tables\[1, 2\]") as info:
+        NumpyAttention().plan_index(small.storage, _index(small, tables), AttentionParams.make(64))
+    assert info.value.block_id == bad_id
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda t, lens, qsl, ql: (t, [5, 10**6, 9], qsl, ql), OutOfBounds),
+    (lambda t, lens, qsl, ql: (t, [5, -1, 9], qsl, ql), InvalidArgument),
+    (lambda t, lens, qsl, ql: (t[:2], lens, qsl, ql), ShapeMismatch),
+    (lambda t, lens, qsl, ql: (t, lens, qsl, ql[::-1]), InvalidArgument),
+    (lambda t, lens, qsl, ql: (t, lens, qsl[::-1].copy(), ql), InvalidArgument),
+    (lambda t, lens, qsl, ql: (t.tolist(), lens, qsl, ql), DTypeMismatch),
+    (lambda t, lens, qsl, ql: (t, lens.astype(np.float64), qsl, ql), DTypeMismatch),
+], ids=["seq-len-past-table", "negative-seq-len", "table-rows", "query-lens-disagree", "qsl-decreasing",
+        "list-not-array", "float-lens"])
+def test_plan_index_refuses_inconsistent_indexes(small: Batch, change, error) -> None:
+    i = _index(small)
+    tables, lens, qsl, qlens = change(i.block_tables, i.seq_lens, i.query_start_loc, i.query_lens)
+    with pytest.raises(error):
+        NumpyAttention().plan_index(small.storage, BatchIndex(tables, np.asarray(lens), qsl, qlens, False),
+                                    AttentionParams.make(64))
+
+
+def test_a_decode_index_has_one_query_per_sequence(small: Batch) -> None:
+    i = _index(small)
+    with pytest.raises(InvalidArgument, match="one query per sequence"):
+        check_index_bounds(BatchIndex(i.block_tables, i.seq_lens, i.query_start_loc, i.query_lens, True),
+                           small.storage.config)
+
+
+def test_plan_index_checks_storage_and_params(small: Batch) -> None:
+    class Foreign:
+        config = small.storage.config
+        device = "cuda:0"
+
+    with pytest.raises(DeviceMismatch, match="NumpyStorage"):
+        NumpyAttention().plan_index(Foreign(), _index(small), AttentionParams.make(64))
+    with pytest.raises(InvalidArgument, match="AttentionParams"):
+        NumpyAttention().plan_index(small.storage, _index(small), {"scale": 0.1})
+    with pytest.raises(InvalidArgument, match="BatchIndex"):
+        NumpyAttention().plan_index(small.storage, (small.tables, small.seq_lens), AttentionParams.make(64))
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": -1.0}, {"scale": float("nan")}, {"scale": 0.1, "sliding_window": 0},
+                                    {"scale": 0.1, "sliding_window": True}, {"scale": 0.1, "soft_cap": float("inf")}],
+                         ids=["negative-scale", "nan-scale", "zero-window", "bool-window", "infinite-cap"])
+def test_hand_made_params_are_validated_on_construction(kwargs: dict) -> None:
+    with pytest.raises(InvalidArgument):
+        AttentionParams(**kwargs)
+
+
+def test_the_plan_owns_its_index(small: Batch) -> None:
+    """Writes into the caller's arrays after planning cannot smuggle an unchecked id into the kernel."""
+    index = _index(small)
+    plan = NumpyAttention().plan_index(small.storage, index, AttentionParams.make(64))
+    want = plan.run(small.q, 0)
+    index.block_tables[:] = 10**6
+    index.seq_lens[:] = 0
+    np.testing.assert_array_equal(plan.run(small.q, 0), want)
+
+
+# -- AttentionBase: subclasses written to plan_index, or (as before it existed) to plan -----------------------
+
+
+class _PlanOnly(AttentionBase):
+    """A third-party attention written before plan_index: it overrides plan and delegates to numpy's."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def plan(self, storage, block_tables, seq_lens, query_start_loc=None, **kwargs):
+        self.calls += 1
+        return NumpyAttention().plan(storage, block_tables, seq_lens, query_start_loc, **kwargs)
+
+
+def test_a_plan_only_subclass_inherits_a_bounds_checked_plan_index(small: Batch) -> None:
+    attention = _PlanOnly()
+    params = AttentionParams.make(64, causal=False, scale=0.2)
+    got = attention.plan_index(small.storage, _index(small), params).run(small.q, 0)
+    want = NumpyAttention().plan(small.storage, small.tables, small.seq_lens, small.qsl, causal=False,
+                                 scale=0.2).run(small.q, 0)
+    np.testing.assert_array_equal(got, want)
+    tables = small.tables.astype(np.int64)
+    tables[0, 0] = 10**6
+    with pytest.raises(InvalidBlock):
+        attention.plan_index(small.storage, _index(small, tables), params)
+    assert attention.calls == 1  # refused before the subclass's plan saw the index
+
+
+def test_a_subclass_must_implement_plan_index_or_plan() -> None:
+    class Neither(AttentionBase):
+        pass
+
+    with pytest.raises(TypeError, match="plan_index"):
+        Neither()
+
+
+def test_plan_then_plan_index_checks_a_batch_once_but_never_trusts_a_changed_index(small: Batch) -> None:
+    config = small.storage.config
+    index = check_batch(config, small.tables, small.seq_lens, small.qsl)
+    assert check_index_bounds(index, config) is index  # plan() -> plan_index(): one check
+    assert not index.block_tables.flags.writeable  # the checked arrays are the check's own, read-only copies
+    bad = index.block_tables.copy()
+    bad[1, 0] = 10**6
+    with pytest.raises(InvalidBlock):  # dataclasses.replace keeps the record, but not the arrays it vouches for
+        check_index_bounds(replace(index, block_tables=bad), config)
+    with pytest.raises(InvalidBlock):  # the same index on a smaller pool
+        check_index_bounds(index, replace(config, num_blocks=2))
+    index.block_tables.flags.writeable = True  # a writable array may have changed since: checked again
+    index.block_tables[1, 0] = 10**6
+    with pytest.raises(InvalidBlock):
+        NumpyAttention().plan_index(small.storage, index, AttentionParams.make(64))
+
+
+def test_check_batch_copies_what_the_caller_could_change(small: Batch) -> None:
+    tables = small.tables.astype(np.int64)  # int64 already: check_batch must still copy it
+    index = check_batch(small.storage.config, tables, small.seq_lens, small.qsl)
+    assert not np.shares_memory(index.block_tables, tables)
+    tables[:] = 10**6
+    assert check_index_bounds(index, small.storage.config) is index

@@ -9,9 +9,17 @@
  *
  * The module is plain C over raw pointers (no torch headers): the Python side
  * (pagedkv_torch.native_decode) hands over the addresses of contiguous CPU
- * tensors of a batch that check_batch and the plan's query check validated, so
- * every block id and length read here is in range; the GIL is released while
- * the kernel runs, so Python threads can decode disjoint item ranges at once.
+ * tensors whose shapes it checked (the query through the plan's check, the
+ * int64 block tables and lengths through check_index_shapes). The ids and
+ * lengths themselves are checked here, because a plan may be built from a
+ * hand-made BatchIndex (plan_index): before any K/V byte is read, every
+ * sequence of the call's items must have 1 <= seq_len <= table_stride *
+ * block_size and every block id its seq_len reaches in [0, num_blocks);
+ * otherwise `decode` reads nothing and returns (kind, row, col, value),
+ * which the Python side raises as InvalidBlock / OutOfBounds /
+ * InvalidArgument. The check walks each table row once per call, outside
+ * the kernel's loops. The GIL is released while the kernel runs, so Python
+ * threads can decode disjoint item ranges at once.
  *
  * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at
  * import from CPUID, and a portable 8-lane build (NEON on arm64, SSE2
@@ -37,8 +45,9 @@ typedef struct {
     const char *k, *v;        /* one layer's pools [num_blocks, block_size, num_kv_heads, head_dim] */
     const float *k_scale;     /* [num_blocks, num_kv_heads] for int8 pools, else NULL */
     const float *v_scale;
-    const int32_t *block_tables; /* [batch, table_stride] */
-    const int32_t *seq_lens;  /* [batch], each >= 1 */
+    const int64_t *block_tables; /* [batch, table_stride], ids in [0, num_blocks) where seq_len reaches */
+    const int64_t *seq_lens;  /* [batch], each in [1, table_stride * block_size] */
+    int64_t num_blocks;       /* of the pools: checked against every block id before it is read */
     int64_t table_stride, num_kv_heads, group, head_dim, block_size, window, elem_size;
     int64_t heads_per_item;    /* KV heads walked together by one item */
     int dtype;
@@ -107,6 +116,37 @@ static float half_to_float(uint16_t h) {
 
 typedef void (*DecodeFn)(const DecodeArgs *, int64_t, int64_t, float *);
 
+/* Why a batch cannot be decoded; `decode` returns (kind, row, col, value) for the first one it finds. */
+enum { BOUNDS_BAD_BLOCK = 1, BOUNDS_PAST_TABLE = 2, BOUNDS_EMPTY = 3 };
+typedef struct {
+    int kind;
+    int64_t row, col, value; /* row: the sequence; col: the table column (-1 for a length); value: the bad number */
+} BoundsError;
+
+/* 1 when every sequence that items begin..end touch can be decoded without reading outside the pools, else 0
+ * with the first problem in `err` (sequences in order; per sequence its length, then its ids in table order).
+ * Every id a seq_len reaches is checked, the ones before a sliding window too, as check_index_bounds does. */
+static int check_items(const DecodeArgs *a, int64_t begin, int64_t end, BoundsError *err) {
+    if (end <= begin) return 1;
+    const int64_t slices = (a->num_kv_heads + a->heads_per_item - 1) / a->heads_per_item;
+    const int64_t bs = a->block_size, capacity = a->table_stride * bs;
+    for (int64_t b = begin / slices; b <= (end - 1) / slices; b++) {
+        const int64_t len = a->seq_lens[b];
+        if (len < 1 || len > capacity) {
+            *err = (BoundsError){len < 1 ? BOUNDS_EMPTY : BOUNDS_PAST_TABLE, b, -1, len};
+            return 0;
+        }
+        const int64_t *table = a->block_tables + b * a->table_stride;
+        for (int64_t i = 0, blocks = (len + bs - 1) / bs; i < blocks; i++) {
+            if (table[i] < 0 || table[i] >= a->num_blocks) {
+                *err = (BoundsError){BOUNDS_BAD_BLOCK, b, i, table[i]};
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
 enum { LEVEL_GENERIC = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
 
 #ifdef HAVE_X86_VARIANTS
@@ -155,19 +195,24 @@ static DecodeFn variant(const char *requested) {
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long q, out, k, v, k_scale, v_scale, tables, lens;
-    long long stride, kvh, group, hd, bs, window, elem, per, begin, end;
+    long long batch, stride, num_blocks, kvh, group, hd, bs, window, elem, per, begin, end;
     int dtype;
     float scale, cap;
     const char *requested = NULL;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKLLLLLLLLiffLL|z", &q, &out, &k, &v, &k_scale, &v_scale, &tables, &lens,
-                          &stride, &kvh, &group, &hd, &bs, &window, &elem, &per, &dtype, &scale, &cap, &begin, &end,
-                          &requested))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKLLLLLLLLLLiffLL|z", &q, &out, &k, &v, &k_scale, &v_scale, &tables, &lens,
+                          &batch, &stride, &num_blocks, &kvh, &group, &hd, &bs, &window, &elem, &per, &dtype, &scale,
+                          &cap, &begin, &end, &requested))
         return NULL;
-    if (dtype < DT_F32 || dtype > DT_I8 || kvh < 1 || group < 1 || hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin) {
+    if (dtype < DT_F32 || dtype > DT_I8 || batch < 0 || stride < 0 || num_blocks < 0 || kvh < 1 || group < 1 ||
+        hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin) {
         PyErr_SetString(PyExc_ValueError, "invalid decode arguments");
         return NULL;
     }
     if (per > kvh) per = kvh;
+    if (end > batch * ((kvh + per - 1) / per)) {
+        PyErr_SetString(PyExc_ValueError, "decode items past the batch");
+        return NULL;
+    }
     DecodeFn fn = variant(requested);
     if (fn == NULL) {
         PyErr_Format(PyExc_ValueError, "kernel variant %s is not available on this CPU", requested);
@@ -177,27 +222,34 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .q = (const float *)(uintptr_t)q, .out = (float *)(uintptr_t)out,
         .k = (const char *)(uintptr_t)k, .v = (const char *)(uintptr_t)v,
         .k_scale = (const float *)(uintptr_t)k_scale, .v_scale = (const float *)(uintptr_t)v_scale,
-        .block_tables = (const int32_t *)(uintptr_t)tables, .seq_lens = (const int32_t *)(uintptr_t)lens,
-        .table_stride = stride, .num_kv_heads = kvh, .group = group, .head_dim = hd, .block_size = bs,
-        .window = window, .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale, .soft_cap = cap,
+        .block_tables = (const int64_t *)(uintptr_t)tables, .seq_lens = (const int64_t *)(uintptr_t)lens,
+        .num_blocks = num_blocks, .table_stride = stride, .num_kv_heads = kvh, .group = group, .head_dim = hd,
+        .block_size = bs, .window = window, .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale,
+        .soft_cap = cap,
     };
     int64_t dim = (hd + 15) / 16 * 16;
     size_t floats = (size_t)(2 * per * group * dim + group * CHUNK + 2 * CHUNK * dim + 2 * per * group);
     float *work = calloc(floats, sizeof(float));
     if (work == NULL) return PyErr_NoMemory();
+    BoundsError err = {0, 0, 0, 0};
+    int ok;
     Py_BEGIN_ALLOW_THREADS
-    fn(&a, begin, end, work);
+    ok = check_items(&a, begin, end, &err);
+    if (ok) fn(&a, begin, end, work);
     Py_END_ALLOW_THREADS
     free(work);
+    if (!ok) return Py_BuildValue("(iLLL)", err.kind, (long long)err.row, (long long)err.col, (long long)err.value);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS,
-     "decode(q, out, k, v, k_scale, v_scale, block_tables, seq_lens, table_stride, num_kv_heads, group, head_dim, "
-     "block_size, window, elem_size, heads_per_item, dtype, scale, soft_cap, begin, end, variant=None): items "
-     "begin..end (sequence * slices + slice of heads_per_item KV heads) of a paged decode; addresses of "
-     "contiguous CPU buffers."},
+     "decode(q, out, k, v, k_scale, v_scale, block_tables, seq_lens, batch, table_stride, num_blocks, num_kv_heads, "
+     "group, head_dim, block_size, window, elem_size, heads_per_item, dtype, scale, soft_cap, begin, end, "
+     "variant=None): items begin..end (sequence * slices + slice of heads_per_item KV heads) of a paged decode; "
+     "addresses of contiguous CPU buffers (block_tables and seq_lens int64). Returns None, or, reading nothing, "
+     "(kind, row, col, value) when a sequence's length or a block id it reaches is out of range (kind: "
+     "BOUNDS_BAD_BLOCK, BOUNDS_PAST_TABLE or BOUNDS_EMPTY)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -210,7 +262,10 @@ PyMODINIT_FUNC PyInit__cpu_decode(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddStringConstant(m, "VARIANT", LEVEL_NAMES[level]) < 0 ||
-        PyModule_AddIntConstant(m, "CHUNK", CHUNK) < 0) {
+        PyModule_AddIntConstant(m, "CHUNK", CHUNK) < 0 ||
+        PyModule_AddIntConstant(m, "BOUNDS_BAD_BLOCK", BOUNDS_BAD_BLOCK) < 0 ||
+        PyModule_AddIntConstant(m, "BOUNDS_PAST_TABLE", BOUNDS_PAST_TABLE) < 0 ||
+        PyModule_AddIntConstant(m, "BOUNDS_EMPTY", BOUNDS_EMPTY) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -244,7 +244,8 @@ INLINE void NAME(softmax_step)(const DecodeArgs *a, float *sg, int64_t n, float 
 }
 
 /* Items begin..end, item = sequence * slices + slice; a slice is `heads_per_item` consecutive KV heads,
- * walked together so each chunk of a block is read front to back once for all of them. */
+ * walked together so each chunk of a block is read front to back once for all of them. The caller
+ * (py_decode) ran check_items over the same items first, so every id and length read here is in range. */
 TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_t end, float *work) {
     const int64_t groups = a->group, hd = a->head_dim, bs = a->block_size, kvh = a->num_kv_heads;
     const int64_t per = a->heads_per_item, slices = (kvh + per - 1) / per;
@@ -270,7 +271,7 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
             const int64_t off = pos % bs, rest = last + 1 - pos;
             int64_t n = bs - off < rest ? bs - off : rest;
             n = n < CHUNK ? n : CHUNK;
-            const int32_t *table = a->block_tables + b * a->table_stride;
+            const int64_t *table = a->block_tables + b * a->table_stride;
             const int64_t block = table[pos / bs];
             const int64_t ahead = pos / bs + PREFETCH_BLOCKS;
             const int64_t next = off == 0 && ahead <= last / bs ? table[ahead] : -1;

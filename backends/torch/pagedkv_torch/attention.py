@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from pagedkv_core.attention import AttentionBase, AttentionParams, AttentionPlan, check_batch
+from pagedkv_core.attention import AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.errors import InvalidArgument, UnsupportedOperation
 
 from .native_decode import NativeDecodePlan, native_unavailable_reason
@@ -46,6 +46,8 @@ class TorchAttention(AttentionBase):
     per split of the Triton decode kernel (``None``: enough splits to fill the
     GPU's SMs, at least 256 tokens each).
     """
+
+    storage_type = TorchStorage
 
     def __init__(self, kernel: str = "auto", *, tile_bytes: int = DEFAULT_TILE_BYTES,
                  split_tokens: int | None = None) -> None:
@@ -80,29 +82,24 @@ class TorchAttention(AttentionBase):
                 f"the Triton kernels run on CUDA devices, or on CPU tensors under TRITON_INTERPRET=1; not on {dev}")
         return "triton"
 
-    def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
-             sliding_window=None, soft_cap=None) -> AttentionPlan:
-        """Validate a batch once per step; the plan's ``run(q, layer)`` serves every layer.
+    def plan_index(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams) -> AttentionPlan:
+        """Build the step's plan for ``index`` (``plan``, inherited, validates raw arrays once and calls this).
 
-        ``block_tables: int [batch, max_blocks]``, ``seq_lens: int [batch]``,
-        ``query_start_loc: int [batch + 1]`` or ``None`` for decode (one query
-        per sequence); host NumPy arrays or tensors.
+        ``index`` may be hand-made: every plan class bounds-checks it
+        (:func:`~pagedkv_core.attention.check_index_bounds`), except the
+        compiled CPU decode, which checks each block id and length in C.
         """
-        if not isinstance(storage, TorchStorage):
-            raise InvalidArgument(f"torch attention needs a TorchStorage, got {type(storage).__name__}")
-        config = storage.config
-        params = AttentionParams.make(config.head_dim, scale=scale, causal=causal,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
-        index = check_batch(config, block_tables, seq_lens, query_start_loc)
+        self.check_storage(storage)
         kernel = self.kernel_for(storage)
+        decode = bool(getattr(index, "is_decode", False))
         if kernel == "triton":
             from .triton_attention import TritonDecodePlan, TritonPrefillPlan
 
-            if index.is_decode:
+            if decode:
                 return TritonDecodePlan(storage, index, params, self.split_tokens)
             return TritonPrefillPlan(storage, index, params)
-        if index.is_decode and kernel == "native":
+        if decode and kernel == "native":
             return NativeDecodePlan(storage, index, params)
-        if index.is_decode:
+        if decode:
             return TorchDecodePlan(storage, index, params, self.tile_bytes)
         return TorchPrefillPlan(storage, index, params)

@@ -11,10 +11,16 @@ narrow pools decode faster than wide ones.
 
 The extension is optional (a source install without a C compiler skips it);
 ``native_unavailable_reason()`` says why it is missing, and the ``auto``
-kernel then falls back to the torch-op decode. This module validates nothing
-itself: plans are built from a batch ``check_batch`` validated, and ``run``
-checks the query through ``TorchPlanBase.check`` before any address is handed
-to C.
+kernel then falls back to the torch-op decode.
+
+Bounds: a plan may come from a hand-made ``BatchIndex`` (``plan_index``), so
+the C kernel checks, before reading any K/V, that every sequence's length is
+in ``[1, max_blocks * block_size]`` and every block id its length reaches is
+in ``[0, num_blocks)``; on a bad one it reads nothing and reports it, and
+``run`` raises ``InvalidBlock`` (with the id and its table position),
+``OutOfBounds`` or ``InvalidArgument``. Python checks only what the C side
+cannot: the shapes of the buffers whose addresses it hands over (the index
+through ``check_index_shapes``, the query through ``TorchPlanBase.check``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.errors import InvalidArgument, InvalidBlock, OutOfBounds, PagedKvError
 
 from .plan_base import TorchPlanBase
 from .storage import TorchStorage
@@ -68,15 +74,22 @@ def native_variant() -> str | None:
 class NativeDecodePlan(TorchPlanBase):
     """One decode step over a CPU pool: the block tables are laid out for C once; ``run`` per layer.
 
-    ``variant`` forces an instruction-set variant (tests compare them); ``"auto"``
-    takes the best the CPU supports.
+    ``index`` may be hand-made: its ids and lengths are checked by the C
+    kernel on every ``run`` (before it reads anything), its shapes here.
+    ``variant`` forces an instruction-set variant (tests compare them);
+    ``"auto"`` takes the best the CPU supports.
     """
+
+    KERNEL_CHECKS_BOUNDS = True
 
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams,
                  variant: str = "auto") -> None:
         super().__init__(storage, index, params)
-        self.tables = torch.from_numpy(np.ascontiguousarray(index.block_tables, dtype=np.int32))
-        self.seq_lens = torch.from_numpy(np.ascontiguousarray(index.seq_lens, dtype=np.int32))
+        if (self.index.query_lens != 1).any():
+            raise InvalidArgument("the native kernel decodes: one query per sequence "
+                                  "(query_start_loc = arange(batch + 1))")
+        # the checked index holds read-only, C-contiguous int64 copies that the plan owns: C reads them in place
+        self.tables, self.seq_lens = self.index.block_tables, self.index.seq_lens
         self.variant = variant
 
     @torch.no_grad()
@@ -89,12 +102,27 @@ class NativeDecodePlan(TorchPlanBase):
         scales = self.storage.scales(layer)
         ks, vs = (0, 0) if scales is None else (scales[0].data_ptr(), scales[1].data_ptr())
         p = self.params
-        args = (qf.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, self.tables.data_ptr(),
-                self.seq_lens.data_ptr(), self.tables.shape[1], self.num_kv_heads, num_q_heads // self.num_kv_heads,
-                self.head_dim, self.block_size, p.sliding_window or 0, k.element_size())
-        _run(args, (NATIVE_DTYPES[k.dtype], p.scale, p.soft_cap or 0.0), self.index.batch, self.num_kv_heads,
-             self.variant)
+        num_blocks = self.storage.config.num_blocks
+        args = (qf.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, self.tables.ctypes.data,
+                self.seq_lens.ctypes.data, self.index.batch, self.tables.shape[1], num_blocks, self.num_kv_heads,
+                num_q_heads // self.num_kv_heads, self.head_dim, self.block_size, p.sliding_window or 0,
+                k.element_size())
+        found = _run(args, (NATIVE_DTYPES[k.dtype], p.scale, p.soft_cap or 0.0), self.index.batch,
+                     self.num_kv_heads, self.variant)
+        if found is not None:
+            raise _bounds_error(found, num_blocks, self.tables.shape[1] * self.block_size)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def _bounds_error(found: tuple[int, int, int, int], num_blocks: int, capacity: int) -> PagedKvError:
+    """The typed error for what the C kernel reported: ``(kind, row, col, value)``."""
+    kind, row, col, value = found
+    if kind == _cpu_decode.BOUNDS_BAD_BLOCK:
+        return InvalidBlock(value, num_blocks, f"block_tables[{row}, {col}]")
+    if kind == _cpu_decode.BOUNDS_PAST_TABLE:
+        return OutOfBounds(value - 1, capacity)
+    return InvalidArgument(f"decode needs seq_lens >= 1 (the current token is in the cache), "
+                           f"got seq_lens[{row}] = {value}")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -102,21 +130,24 @@ _pool_threads = 0
 _pool_lock = threading.Lock()
 
 
-def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -> None:
+def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -> tuple[int, int, int, int] | None:
     """Decode the batch on ``torch.get_num_threads()`` threads (the kernel releases the GIL).
 
     An item walks one sequence's blocks once for a slice of its KV heads, so
     each block is read front to back; on one thread a slice is every head. With
     more threads and few sequences the heads are split until there are about
-    two items per thread.
+    two items per thread. Returns ``None``, or the kernel's report of the first
+    (lowest sequence) out-of-range length or block id; every task is waited
+    for before anything is returned or raised, since they all write ``out``.
     """
+    if batch == 0:
+        return None
     threads = torch.get_num_threads()
     slices = 1 if threads <= 1 else min(kv_heads, -(-2 * threads // batch))
     per = -(-kv_heads // slices)
     items = batch * -(-kv_heads // per)
     if threads <= 1 or items == 1:
-        _cpu_decode.decode(*args, per, *numbers, 0, items, variant)
-        return
+        return _cpu_decode.decode(*args, per, *numbers, 0, items, variant)
     step = max(1, min(ITEMS_PER_TASK, items // threads))
     pool = _executor(threads)
     tasks = [pool.submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant)
@@ -125,6 +156,8 @@ def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -
     for error in errors:
         if error is not None:
             raise error
+    found = [report for report in (task.result() for task in tasks) if report is not None]
+    return min(found, key=lambda report: (report[1], report[2])) if found else None
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pagedkv_core.attention import Attention, AttentionBase, AttentionPlan
+from pagedkv_core.attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.config import CacheConfig
 from pagedkv_core.errors import InvalidArgument, RanksDiverged, ShapeMismatch
 
@@ -198,13 +198,33 @@ class TensorParallelAttention(AttentionBase):
 
     def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
              sliding_window=None, soft_cap=None) -> TensorParallelPlan:
-        """See :meth:`pagedkv_core.attention.Attention.plan`; the batch arrays are the same on every rank."""
-        if storage.config.num_kv_heads != self.shard.local_kv_heads:
-            raise ShapeMismatch(f"storage holds {storage.config.num_kv_heads} KV heads, this rank's shard has "
-                                f"{self.shard.local_kv_heads}; build it with shard.local_config(config)")
+        """See :meth:`pagedkv_core.attention.Attention.plan`; the batch arrays are the same on every rank.
+
+        Delegates to the wrapped attention's ``plan`` (which validates the
+        arrays), so any :class:`~pagedkv_core.attention.Attention` can be wrapped.
+        """
+        self._check_shard(storage)
         plan = self.attention.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
                                    sliding_window=sliding_window, soft_cap=soft_cap)
         return TensorParallelPlan(plan, self.shard, self.group)
+
+    def plan_index(self, storage, index: BatchIndex, params: AttentionParams) -> TensorParallelPlan:
+        """The wrapped attention's ``plan_index`` on this rank's shard (it bounds-checks ``index``).
+
+        A wrapped attention without ``plan_index`` (one written to the bare
+        protocol) gets the index checked here and passed to its ``plan``.
+        """
+        self._check_shard(storage)
+        inner = getattr(self.attention, "plan_index", None)
+        if inner is None:
+            return super().plan_index(storage, index, params)  # check_index_bounds, then self.plan
+        return TensorParallelPlan(inner(storage, index, params), self.shard, self.group)
+
+    def _check_shard(self, storage) -> None:
+        config = self.check_storage(storage)
+        if config.num_kv_heads != self.shard.local_kv_heads:
+            raise ShapeMismatch(f"storage holds {config.num_kv_heads} KV heads, this rank's shard has "
+                                f"{self.shard.local_kv_heads}; build it with shard.local_config(config)")
 
 
 # -- keeping the replicated managers honest ----------------------------------------------------------

@@ -75,6 +75,7 @@ class TorchDecodePlan(TorchPlanBase):
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams,
                  tile_bytes: int = DEFAULT_TILE_BYTES) -> None:
         super().__init__(storage, index, params)
+        index = self.index  # the checked int64 copy, not the caller's arrays
         self.block_bytes = self.block_size * self.num_kv_heads * self.head_dim * 4
         dev = self.device
         self.groups: list[_Group] = [

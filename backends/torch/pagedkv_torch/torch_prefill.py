@@ -80,6 +80,7 @@ class TorchPrefillPlan(TorchPlanBase):
 
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams) -> None:
         super().__init__(storage, index, params)
+        index = self.index  # the checked int64 copy, not the caller's arrays
         active = np.flatnonzero(index.query_lens > 0)
         self.groups: list[_Group] = []
         i = 0

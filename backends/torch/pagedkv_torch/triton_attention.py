@@ -35,6 +35,7 @@ def _int32(values: np.ndarray, device: torch.device) -> torch.Tensor:
 class _TritonPlan(TorchPlanBase):
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams) -> None:
         super().__init__(storage, index, params)
+        index = self.index  # the checked int64 copy, not the caller's arrays
         dev = self.device
         self.tables = _int32(index.block_tables, dev)
         self.lens = _int32(index.seq_lens, dev)
@@ -68,6 +69,7 @@ class TritonDecodePlan(_TritonPlan):
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams,
                  split_tokens: int | None = None) -> None:
         super().__init__(storage, index, params)
+        index = self.index  # the checked int64 copy, not the caller's arrays
         longest = int(index.seq_lens.max()) if index.batch else 1
         if split_tokens is None:
             programs = max(1, index.batch * self.num_kv_heads)
@@ -115,6 +117,7 @@ class TritonPrefillPlan(_TritonPlan):
 
     def __init__(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams) -> None:
         super().__init__(storage, index, params)
+        index = self.index  # the checked int64 copy, not the caller's arrays
         self.block_m = 16 if self.device.type != "cuda" else 64
         qlens = index.query_lens
         tiles = -(-qlens // self.block_m)

@@ -183,3 +183,55 @@ def test_auto_kernel_on_cpu_is_native_when_built(backend):
 
     storage = backend.create_storage(make_config(), "cpu")
     assert backend.attention.kernel_for(storage) == ("native" if native_unavailable_reason(storage) is None else "torch")
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_plan_index_with_a_hand_made_index_matches_plan(backend, kernel, prefill):
+    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_torch.native_decode import native_unavailable_reason
+
+    if kernel == "native" and native_unavailable_reason() is not None:
+        pytest.skip(native_unavailable_reason())
+    rng = np.random.default_rng(90)
+    batch = make_batch(backend, make_config("bfloat16"), rng, [12, 30, 1], [3, 7, 1] if prefill else None,
+                       pad_value=10**6)
+    q, _ = random_query(backend, batch, rng, 4, "bfloat16")
+    lens = batch.seq_lens.astype(np.int64)
+    qsl = np.arange(lens.size + 1) if batch.query_start_loc is None else batch.query_start_loc.astype(np.int64)
+    index = BatchIndex(batch.block_tables.astype(np.int64), lens, qsl, np.diff(qsl), not prefill)
+    attention = TorchAttention(kernel)
+    got = attention.plan_index(batch.storage, index, AttentionParams.make(32, sliding_window=10)).run(q, 1)
+    want = attention.plan(batch.storage, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                          sliding_window=10).run(q, 1)
+    assert torch.equal(got, want)
+
+
+def test_tensor_parallel_plan_index_delegates_to_the_wrapped_attention(backend):
+    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.errors import InvalidBlock
+    from pagedkv_torch.tensor_parallel import HeadShard, TensorParallelAttention
+
+    rng = np.random.default_rng(91)
+    batch = make_batch(backend, make_config(), rng, [12, 30])
+    q, _ = random_query(backend, batch, rng, 4, "float32")
+    lens = batch.seq_lens.astype(np.int64)
+    index = BatchIndex(batch.block_tables.astype(np.int64), lens, np.arange(3), np.ones(2, np.int64), True)
+    tp = TensorParallelAttention(TorchAttention("torch"), HeadShard(0, 1, 4, 2))
+    params = AttentionParams.make(32)
+    assert torch.equal(tp.plan_index(batch.storage, index, params).run(q, 0),
+                       tp.plan(batch.storage, batch.block_tables, batch.seq_lens).run(q, 0))
+    index.block_tables[1, 0] = 10**6
+    with pytest.raises(InvalidBlock):
+        tp.plan_index(batch.storage, index, params)
+
+    class ProtocolOnly:  # the Attention protocol without plan_index: the index is checked, then given to plan
+        def plan(self, *args, **kwargs):
+            return TorchAttention("torch").plan(*args, **kwargs)
+
+    wrapped = TensorParallelAttention(ProtocolOnly(), HeadShard(0, 1, 4, 2))
+    with pytest.raises(InvalidBlock):
+        wrapped.plan_index(batch.storage, index, params)
+    index.block_tables[1, 0] = batch.block_tables[1, 0]
+    assert torch.equal(wrapped.plan_index(batch.storage, index, params).run(q, 0),
+                       tp.plan(batch.storage, batch.block_tables, batch.seq_lens).run(q, 0))

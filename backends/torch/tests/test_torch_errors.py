@@ -153,3 +153,46 @@ def test_triton_on_cpu_needs_the_interpreter(storage):
         pytest.skip("TRITON_INTERPRET is set in this process")
     with pytest.raises(UnsupportedOperation, match="TRITON_INTERPRET|triton"):
         TorchAttention("triton").plan(storage, np.array([[0, 1]]), np.array([9]))
+
+
+HAND_MADE = {  # (tables, seq_lens) of a hand-made BatchIndex (no check_batch) -> error; the pool has 24 blocks
+    "block id 100": (np.array([[0, 100], [2, 3]]), np.array([9, 3]), InvalidBlock),
+    "block id 10**6": (np.array([[0, 1], [10**6, 3]]), np.array([9, 3]), InvalidBlock),
+    "block id -1": (np.array([[-1, 1], [2, 3]]), np.array([9, 3]), InvalidBlock),
+    "block id past int32": (np.array([[0, 2**32 + 1], [2, 3]]), np.array([9, 3]), InvalidBlock),
+    "seq_len past the table": (np.array([[0, 1], [2, 3]]), np.array([17, 3]), OutOfBounds),
+}
+
+
+def _hand_made(tables, lens, prefill: bool):
+    from pagedkv_core.attention import BatchIndex
+
+    qsl = np.array([0, 2, 3]) if prefill else np.arange(3)
+    return BatchIndex(tables.astype(np.int64), lens.astype(np.int64), qsl, np.diff(qsl), not prefill)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("case", list(HAND_MADE), ids=list(HAND_MADE))
+def test_plan_index_refuses_a_hand_made_index_out_of_range(storage, case, prefill, kernel):
+    """Every plan class, whether it checks in Python or (the compiled decode) in C, raises the typed error."""
+    from pagedkv_core.attention import AttentionParams
+    from pagedkv_torch.native_decode import native_unavailable_reason
+
+    if kernel == "native" and native_unavailable_reason(storage) is not None:
+        pytest.skip(native_unavailable_reason(storage))
+    tables, lens, error = HAND_MADE[case]
+    index = _hand_made(tables, lens, prefill)
+    q = torch.ones(int(index.query_start_loc[-1]), 4, 32)
+    attention = TorchAttention(kernel)
+    _unchanged(storage, lambda: attention.plan_index(storage, index, AttentionParams.make(32)).run(q, 0), error)
+
+
+def test_plan_index_refuses_another_storage_and_loose_params(storage):
+    from pagedkv_core.attention import AttentionParams
+
+    index = _hand_made(np.array([[0, 1], [2, 3]]), np.array([9, 3]), False)
+    with pytest.raises(DeviceMismatch, match="TorchStorage"):
+        TorchAttention().plan_index(object(), index, AttentionParams.make(32))
+    with pytest.raises(InvalidArgument, match="AttentionParams"):
+        TorchAttention("torch").plan_index(storage, index, {"scale": 1.0})

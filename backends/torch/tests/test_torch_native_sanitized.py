@@ -4,7 +4,9 @@ The kernel is C over raw pointers: a read past a row, a block or a scratch
 buffer would not fail a numeric test if the bytes beyond happened to be
 harmless. Here the module is rebuilt from ``csrc/`` with
 ``-fsanitize=address,undefined`` into a temporary folder, and the whole of
-``test_torch_native_decode.py`` runs in a child process that loads that build
+``test_torch_native_decode.py`` and ``test_torch_native_bounds.py`` (hand-made
+indexes with block ids and lengths out of range, which the kernel must refuse
+before reading) run in a child process that loads that build
 in place of the installed one (with the ASan runtime preloaded, as it must
 come first, and pytest's output capture off, so a sanitizer's report reaches
 the parent). Any invalid access or undefined behaviour ends the child.
@@ -32,7 +34,7 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 sys.modules["pagedkv_torch._cpu_decode"] = module
 import pytest
-sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", sys.argv[2]]))  # -s: a report must reach stderr
+sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", *sys.argv[2:]]))  # -s: a report must reach stderr
 """
 
 
@@ -53,10 +55,11 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                     f"-I{sysconfig.get_paths()['include']}", str(CSRC / "cpu_decode.c"), "-o", str(module)],
                    check=True, capture_output=True, text=True)
-    tests = Path(__file__).with_name("test_torch_native_decode.py")
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_torch_native_decode.py",
+                                                              "test_torch_native_bounds.py")]
     env = dict(os.environ, LD_PRELOAD=f"{asan} {ubsan}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-    child = subprocess.run([sys.executable, "-c", LOADER, str(module), str(tests)], env=env, cwd=Path.cwd(),
+    child = subprocess.run([sys.executable, "-c", LOADER, str(module), *tests], env=env, cwd=Path.cwd(),
                            capture_output=True, text=True, timeout=600)
     output = child.stdout + child.stderr
     first = min((i for i in (output.find("ERROR: AddressSanitizer"), output.find("runtime error:")) if i >= 0),
