@@ -12,11 +12,11 @@ import pytest
 from redis_server import RedisServer
 
 from pagedkv_core import AllocationRequest, CacheConfig, PagedKvCacheManager
-from pagedkv_core.demo.engine import PagedRunner
-from pagedkv_core.demo.model import ModelConfig, TinyDecoder
+from pagedkv_core.app.demo.engine import PagedRunner
+from pagedkv_core.app.demo.model import ModelConfig, TinyDecoder
+from pagedkv_core.contract.storage import NumpyHostBlocks
 from pagedkv_core.plugins import default_registry
 from pagedkv_core.remote import BlockTier, LayoutFingerprint
-from pagedkv_core.storage import NumpyHostBlocks
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install 'pagedkv[redis]'")
 from pagedkv_core.remote.redis_store import RedisStore  # noqa: E402

@@ -4,11 +4,21 @@ The core decides *which* blocks hold what; a backend (NumPy, PyTorch, CuPy,
 MLX, or your own) moves the bytes and runs paged attention.
 """
 
-from .attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex, check_batch, check_query
-from .backend import Backend, BackendSpec, Capabilities, Probe
-from .block_pool import BlockPool
-from .block_table import BlockTable
+from .blocks.metadata import BatchMetadata
+from .blocks.pool import BlockPool
+from .blocks.tables import BlockTable
 from .config import AllocationRequest, CacheConfig, PrefixCacheConfig, PressureThresholds
+from .contract.attention import (
+    Attention,
+    AttentionBase,
+    AttentionParams,
+    AttentionPlan,
+    BatchIndex,
+    check_batch,
+    check_query,
+)
+from .contract.backend import Backend, BackendSpec, Capabilities, Probe
+from .contract.storage import BlockStorage, HostBlocks, NumpyHostBlocks, StorageChecks
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .events import AllCleared, BlockRemoved, BlockStored
@@ -19,11 +29,11 @@ from .interfaces import (
     KvCacheManager,
     MultiDeviceCacheManager,
 )
-from .manager import PagedKvCacheManager
-from .metadata import BatchMetadata
-from .multi_device import MultiDeviceManager
+from .manager.facade import PagedKvCacheManager
+from .manager.multi_device import MultiDeviceManager
+from .manager.records import PagedKvCacheHandle, SeqState
 from .plugins import BackendRegistry, available_backends, default_registry, get_backend, register_backend
-from .policies import (
+from .policy.eviction import (
     EvictionCandidate,
     EvictionPolicy,
     LfuPolicy,
@@ -35,8 +45,7 @@ from .policies import (
     StreamingLLMPolicy,
     make_policy,
 )
-from .pressure import MemoryPressure
-from .sequence import PagedKvCacheHandle, SeqState
+from .policy.pressure import MemoryPressure
 from .stats import (
     CacheGcStats,
     CacheHandleStats,
@@ -46,7 +55,6 @@ from .stats import (
     EvictionResult,
     FragmentationStats,
 )
-from .storage import BlockStorage, HostBlocks, NumpyHostBlocks, StorageChecks
 
 __version__ = "0.1.0"
 

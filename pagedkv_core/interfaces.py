@@ -10,10 +10,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from .block_table import BlockTable
+from .blocks.tables import BlockTable
 from .config import AllocationRequest, PrefixCacheConfig
-from .policies import EvictionPolicy
-from .pressure import MemoryPressure, PressureCallback
+from .policy.eviction import EvictionPolicy
+from .policy.pressure import MemoryPressure, PressureCallback
 from .stats import CacheGcStats, CacheHandleStats, CacheManagerStats, CompressionStats
 
 __all__ = [

@@ -24,8 +24,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .backend import Backend, BackendSpec, Probe
+from .contract import hookspecs
+from .contract.backend import Backend, BackendSpec, Probe
 from .errors import BackendUnavailable, InvalidArgument, UnknownBackend
 
 __all__ = [

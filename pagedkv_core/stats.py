@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .pressure import MemoryPressure
+from .policy.pressure import MemoryPressure
 
 __all__ = [
     "CacheHandleStats",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pagedkv_core.cli import main
+from pagedkv_core.app.cli import main
 
 
 def test_backends_lists_numpy(capsys):
@@ -29,7 +29,7 @@ def test_unknown_backend_is_a_one_line_error(capsys):
 
 
 def test_version_from_the_console_script():
-    out = subprocess.run([sys.executable, "-m", "pagedkv_core.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pagedkv_core.app.cli", "--version"], capture_output=True, text=True)
     assert out.stdout.startswith("pagedkv ")
 
 
@@ -82,7 +82,7 @@ def test_demo_bad_arguments_are_one_line_errors(capsys, args, message):
 
 
 def test_ctrl_c_in_the_demo_is_one_line_and_exit_130():
-    child = subprocess.Popen([sys.executable, "-m", "pagedkv_core.cli", "demo", "--requests", "5000"],
+    child = subprocess.Popen([sys.executable, "-m", "pagedkv_core.app.cli", "demo", "--requests", "5000"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdout.readline().startswith("pagedkv demo on numpy:cpu")  # serving has begun

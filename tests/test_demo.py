@@ -22,14 +22,14 @@ from pagedkv_core import (
     default_registry,
     get_backend,
 )
-from pagedkv_core.demo import DemoReport, run_demo
-from pagedkv_core.demo.engine import PagedRunner
-from pagedkv_core.demo.model import TinyDecoder
-from pagedkv_core.demo.progress import Progress
-from pagedkv_core.demo.reference import reference_choices, reference_decode
-from pagedkv_core.demo.scheduler import Live, Scheduler, StepRecord
-from pagedkv_core.demo.selfcheck import verify
-from pagedkv_core.demo.workload import Request, WorkloadConfig, make_workload, peak_demand
+from pagedkv_core.app.demo import DemoReport, run_demo
+from pagedkv_core.app.demo.engine import PagedRunner
+from pagedkv_core.app.demo.model import TinyDecoder
+from pagedkv_core.app.demo.progress import Progress
+from pagedkv_core.app.demo.reference import reference_choices, reference_decode
+from pagedkv_core.app.demo.scheduler import Live, Scheduler, StepRecord
+from pagedkv_core.app.demo.selfcheck import verify
+from pagedkv_core.app.demo.workload import Request, WorkloadConfig, make_workload, peak_demand
 
 
 def _usable_device(name: str) -> str:

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from pagedkv_core.demo import run_demo
+from pagedkv_core.app.demo import run_demo
 
 pytest.importorskip("redis", reason="redis-py is not installed: pip install 'pagedkv[redis]'")
 

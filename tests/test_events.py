@@ -4,8 +4,8 @@ import random
 
 from kvhelpers import request
 from pagedkv_core import PrefixCacheConfig
+from pagedkv_core.contract.hookspecs import hookimpl
 from pagedkv_core.events import AllCleared, BlockRemoved, BlockStored, replay
-from pagedkv_core.hookspecs import hookimpl
 from pagedkv_core.plugins import BackendRegistry
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from kvhelpers import request
 from pagedkv_core import OutOfBounds, StaleHandle, UnknownSequence
-from pagedkv_core.block_table import TableArrays
+from pagedkv_core.blocks.tables import TableArrays
 
 
 def test_a_handle_goes_stale_when_its_id_is_admitted_again(manager):

@@ -18,9 +18,9 @@ from pagedkv_core import (
     PrefixCacheConfig,
 )
 from pagedkv_core.events import BlockStored
-from pagedkv_core.persistence import _checksum
+from pagedkv_core.manager.persistence import _checksum
+from pagedkv_core.manager.safetensors_io import read_safetensors, write_safetensors
 from pagedkv_core.plugins import default_registry
-from pagedkv_core.safetensors_io import read_safetensors, write_safetensors
 
 BACKENDS = [name for name, status in default_registry().available_backends().items()
             if status.available and dict(status.devices).get("cpu") and dict(status.devices)["cpu"].available]

@@ -27,9 +27,9 @@ from pagedkv_core.errors import (
     PagedKvError,
     UntrustedCacheFile,
 )
-from pagedkv_core.persistence import _checksum
-from pagedkv_core.policies import SlidingWindowPolicy
-from pagedkv_core.safetensors_io import read_safetensors, write_safetensors
+from pagedkv_core.manager.persistence import _checksum
+from pagedkv_core.manager.safetensors_io import read_safetensors, write_safetensors
+from pagedkv_core.policy.eviction import SlidingWindowPolicy
 from pagedkv_numpy.storage import NumpyStorage
 
 KEY = b"a deployment's secret key"
@@ -388,7 +388,7 @@ def test_any_value_in_the_header_is_refused_cleanly(name, key, value):
 
 
 def test_a_prompt_cache_larger_than_the_target_is_refused_before_its_tensors_are_read(path, monkeypatch):
-    import pagedkv_core.persistence as persistence
+    import pagedkv_core.manager.persistence as persistence
 
     def unexpected(*args):
         raise AssertionError("tensors read before the fit was checked")

@@ -13,7 +13,7 @@ from pagedkv_core import (
     Probe,
     UnknownBackend,
 )
-from pagedkv_core.hookspecs import hookimpl
+from pagedkv_core.contract.hookspecs import hookimpl
 from pagedkv_core.plugins import BLOCK_ENV, BUILTIN_BACKENDS
 
 
@@ -162,7 +162,7 @@ def test_an_installed_plugin_cannot_take_over_a_builtin_name(monkeypatch):
 
 def test_backends_command_shows_a_refused_plugin(monkeypatch, capsys):
     from pagedkv_core import plugins
-    from pagedkv_core.cli import main
+    from pagedkv_core.app.cli import main
 
     real = metadata.entry_points
 

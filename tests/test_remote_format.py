@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from remote_helpers import config, manager
 
+from pagedkv_core.blocks.hashing import BlockHasher
+from pagedkv_core.contract.storage import NumpyHostBlocks
 from pagedkv_core.errors import CorruptRemoteBlock, IncompatibleCache, InvalidArgument
-from pagedkv_core.hashing import BlockHasher
 from pagedkv_core.remote import LayoutFingerprint, TenantTagger, block_key, decode_block, decode_run, encode_blocks
 from pagedkv_core.remote.codec import HEADER_SIZE
-from pagedkv_core.storage import NumpyHostBlocks
 
 LAYOUT = dict(model_id="org/model", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
               hash_algorithm="sha256", hash_seed=0)

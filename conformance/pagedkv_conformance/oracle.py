@@ -1,7 +1,7 @@
 """The float64 reference of paged attention: the oracle every kernel is checked against.
 
 Written for clarity, not speed: a loop over sequences, queries and heads,
-following the conventions of ``pagedkv_core.attention`` word for word.
+following the conventions of ``pagedkv_core.contract.attention`` word for word.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pagedkv_core.backend import Backend, Capabilities
+from pagedkv_core.contract.backend import Backend, Capabilities
 from pagedkv_core.dtypes import check_dtype
 from pagedkv_core.errors import BackendUnavailable, InvalidArgument, UnknownBackend
 from pagedkv_core.plugins import BackendRegistry

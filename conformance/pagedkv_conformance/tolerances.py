@@ -8,7 +8,7 @@ dtype), so these bounds cover accumulation and output rounding only.
 
 from __future__ import annotations
 
-from pagedkv_core.backend import Capabilities
+from pagedkv_core.contract.backend import Capabilities
 
 __all__ = ["DEFAULT_TOLERANCES", "OPERATION_TOLERANCES", "tolerance"]
 

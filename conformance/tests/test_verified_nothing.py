@@ -86,7 +86,7 @@ def test_a_good_backend_passes_under_strict_markers(suite):
 
 
 def test_the_cli_refuses_typos_in_one_line(capsys):
-    from pagedkv_core.cli import main
+    from pagedkv_core.app.cli import main
 
     assert main(["conformance", "--backend", "numpy", "--device", "tpu"]) == 2
     assert main(["conformance", "--backend", "numpy", "--dtype", "float32,float7"]) == 2

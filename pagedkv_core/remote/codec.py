@@ -26,9 +26,9 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from ..contract.storage import NumpyHostBlocks
 from ..dtypes import is_quantized
 from ..errors import CorruptRemoteBlock, InvalidArgument
-from ..storage import NumpyHostBlocks
 from .layout import LayoutFingerprint, encode_block_hash
 
 __all__ = ["HEADER_SIZE", "MAGIC", "VALUE_VERSION", "encode_blocks", "decode_block", "decode_run"]

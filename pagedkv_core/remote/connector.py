@@ -27,12 +27,12 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..contract.storage import NumpyHostBlocks
 from ..errors import InvalidArgument, PagedKvError, RemoteTierError
-from ..storage import NumpyHostBlocks
 from .tier import RemoteTier
 
 if TYPE_CHECKING:
-    from ..manager import PagedKvCacheManager
+    from ..manager.facade import PagedKvCacheManager
 
 __all__ = ["Prefetched", "RemoteConnector", "RemoteStats"]
 

@@ -26,8 +26,8 @@ import json
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 
+from ..blocks.hashing import BlockHasher
 from ..errors import IncompatibleCache, InvalidArgument
-from ..hashing import BlockHasher
 
 __all__ = ["KEY_PREFIX", "PAYLOAD_VERSION", "LayoutFingerprint", "TenantTagger", "encode_block_hash", "block_key"]
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..blocks.hashing import BlockHasher
+from ..contract.storage import NumpyHostBlocks
 from ..errors import RemoteTierError
-from ..hashing import BlockHasher
-from ..storage import NumpyHostBlocks
 from .codec import decode_run, encode_blocks
 from .layout import KEY_PREFIX, LayoutFingerprint, TenantTagger, block_key
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedkv_core.attention import (
+from pagedkv_core.contract.attention import (
     AttentionBase,
     AttentionParams,
     BatchIndex,

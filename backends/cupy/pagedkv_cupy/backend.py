@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from pagedkv_core.backend import Capabilities, Probe
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_core.errors import BackendUnavailable, InvalidArgument
 
 from .attention import CupyAttention

@@ -2,7 +2,7 @@
 
 The same functions run on device arrays (cupy) and host arrays (numpy), so
 the storage's device path and host path agree bit for bit with
-:mod:`pagedkv_core.quant`. bfloat16 travels as its 16-bit payload (``uint16``)
+:mod:`pagedkv_core.contract.quant`. bfloat16 travels as its 16-bit payload (``uint16``)
 and is converted with integer arithmetic (round to nearest even), which needs
 no bfloat16 support from the array library.
 """
@@ -67,7 +67,7 @@ def float32_to_raw(xp: Any, x: Any, dtype: str) -> Any:
 def quantize_blocks(xp: Any, x: Any) -> tuple[Any, Any]:
     """``x`` float32 ``[..., block_size, heads, head_dim]`` -> (int8 same shape, float32 scales ``[..., heads]``).
 
-    One scale per (block, head): absmax / 127, as :func:`pagedkv_core.quant.quantize_blocks`.
+    One scale per (block, head): absmax / 127, as :func:`pagedkv_core.contract.quant.quantize_blocks`.
     """
     amax = xp.abs(x).max(axis=(-3, -1))
     scale = (amax / xp.float32(INT8_MAX)).astype(xp.float32)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedkv_core.storage import NumpyHostBlocks
+from pagedkv_core.contract.storage import NumpyHostBlocks
 
 from .convert import bf16_bits_to_float32
 

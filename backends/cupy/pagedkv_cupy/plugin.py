@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pagedkv_core.backend import BackendSpec
-from pagedkv_core.hookspecs import hookimpl
+from pagedkv_core.contract.backend import BackendSpec
+from pagedkv_core.contract.hookspecs import hookimpl
 
 
 def _load():

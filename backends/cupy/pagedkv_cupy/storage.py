@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pagedkv_core import quant
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract import quant
+from pagedkv_core.contract.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, ShapeMismatch, UnsupportedOperation
 from pagedkv_core.memory import check_pools
-from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
 from .convert import (
     bf16_bits_to_float32,

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from cupy_emulator import EmuKernels, EmuRuntime
 
-from pagedkv_core.backend import Capabilities, Probe
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_cupy.attention import CupyAttention
 from pagedkv_cupy.convert import bf16_bits_to_float32, float32_to_bf16_bits
 from pagedkv_cupy.kernels import MAX_HEAD_DIM

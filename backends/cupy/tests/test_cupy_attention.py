@@ -199,7 +199,7 @@ def test_plan_index_refuses_a_hand_made_index_before_any_launch(cupy_target, pre
     """The kernels would skip an out-of-range id silently (a wrong result): the plan refuses it on the host."""
     from dataclasses import replace
 
-    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
     storage, tables, lens, _, _ = setup(cupy_target, "float32", [20, 8])
     qsl = np.array([0, 3, 5]) if prefill else np.arange(3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cupy_emulator import build_library
 
-from pagedkv_core import quant
+from pagedkv_core.contract import quant
 from pagedkv_cupy.convert import (
     bf16_bits_to_float32,
     dequantize_blocks,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from cupy_cases import config
 
-from pagedkv_core import quant
+from pagedkv_core.contract import quant
+from pagedkv_core.contract.storage import NumpyHostBlocks
 from pagedkv_core.errors import (
     DeviceMismatch,
     DTypeMismatch,
@@ -15,7 +16,6 @@ from pagedkv_core.errors import (
     ShapeMismatch,
     UnsupportedOperation,
 )
-from pagedkv_core.storage import NumpyHostBlocks
 from pagedkv_numpy.storage import NumpyStorage
 
 NUMPY_DTYPES = ("float16", "float32", "int8")  # what the NumPy backend can mirror bit for bit

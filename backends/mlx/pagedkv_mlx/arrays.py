@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pagedkv_core.backend import Probe
+from pagedkv_core.contract.backend import Probe
 from pagedkv_core.errors import BackendUnavailable, DTypeMismatch, InvalidArgument
 
 __all__ = [

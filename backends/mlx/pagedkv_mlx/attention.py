@@ -13,7 +13,7 @@ by measurement (``docs/benchmarks-mlx.md``):
   block table + ``mx.fast.scaled_dot_product_attention``,
   :mod:`pagedkv_mlx.kernel_mlx`; the path for Metal.
 
-Both follow the conventions of :mod:`pagedkv_core.attention` and are checked
+Both follow the conventions of :mod:`pagedkv_core.contract.attention` and are checked
 against the float64 oracle on every dtype.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import mlx.core as mx
 import numpy as np
 
-from pagedkv_core.attention import (
+from pagedkv_core.contract.attention import (
     AttentionBase,
     AttentionParams,
     BatchIndex,

@@ -7,8 +7,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pagedkv_core.backend import Capabilities, Probe
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_core.errors import BackendUnavailable
 
 from .arrays import DEVICE_NAMES, device_probe, mlx_device, mx_dtype, to_host

@@ -1,6 +1,6 @@
 """Int8 blocks with one float32 scale per (block, KV head), in MLX operations.
 
-The same scheme as :mod:`pagedkv_core.quant` (scale = absmax / 127, values
+The same scheme as :mod:`pagedkv_core.contract.quant` (scale = absmax / 127, values
 rounded half to even and clipped to [-127, 127]), so blocks quantized here and
 on the host agree bit for bit. MLX's own ``mx.quantize`` is not used: it
 quantizes groups along the last axis with an affine scale and bias, while the

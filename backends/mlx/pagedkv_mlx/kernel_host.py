@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pagedkv_core.attention import AttentionParams
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.attention import AttentionParams
 
 from .arrays import bf16_bits_to_f32
 from .layout import BatchLayout

@@ -25,8 +25,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pagedkv_core.attention import AttentionParams
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.attention import AttentionParams
 
 from .int8 import dequantize_blocks
 from .layout import BatchLayout

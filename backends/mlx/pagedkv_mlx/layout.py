@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
 __all__ = ["BatchLayout"]
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from pagedkv_core.config import AllocationRequest, CacheConfig
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOperation
-from pagedkv_core.manager import PagedKvCacheManager
+from pagedkv_core.manager.facade import PagedKvCacheManager
 
 from .storage import MlxStorage
 

@@ -7,8 +7,8 @@ backend as unavailable with the install hint.
 
 from __future__ import annotations
 
-from pagedkv_core.backend import BackendSpec
-from pagedkv_core.hookspecs import hookimpl
+from pagedkv_core.contract.backend import BackendSpec
+from pagedkv_core.contract.hookspecs import hookimpl
 
 __all__ = ["pagedkv_backends"]
 

@@ -40,10 +40,10 @@ import mlx.core as mx
 import numpy as np
 
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.quant import dequantize_blocks as host_dequantize
+from pagedkv_core.contract.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, UnsupportedOperation
 from pagedkv_core.memory import check_pools
-from pagedkv_core.quant import dequantize_blocks as host_dequantize
-from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
 from .arrays import FLOAT_MX, MX_DTYPES, host_view, mlx_device, to_host
 from .int8 import dequantize_blocks, merge_tokens, quantize_blocks

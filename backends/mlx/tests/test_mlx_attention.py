@@ -144,7 +144,7 @@ def test_backend_attention_picks_host_kernel_on_cpu(backend, rng):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", ["decode-window-softcap", "prefill-chunked-ragged"])
 def test_plan_index_with_a_hand_made_index_matches_plan(backend, rng, kernel, name):
-    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
     case = CASES[name]
     storage = filled_storage(backend, "float16", case.heads, case.block_size)

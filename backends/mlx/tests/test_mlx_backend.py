@@ -8,8 +8,8 @@ from mlx_helpers import import_mlx
 
 mx = import_mlx()
 
-from pagedkv_core.attention import Attention  # noqa: E402
-from pagedkv_core.backend import Backend  # noqa: E402
+from pagedkv_core.contract.attention import Attention  # noqa: E402
+from pagedkv_core.contract.backend import Backend  # noqa: E402
 from pagedkv_core.errors import BackendUnavailable, DTypeMismatch, InvalidArgument  # noqa: E402
 from pagedkv_core.plugins import BackendRegistry  # noqa: E402
 

@@ -8,6 +8,7 @@ from mlx_helpers import assert_unchanged, fill, import_mlx, make_config, random_
 
 mx = import_mlx()
 
+from pagedkv_core.contract.storage import NumpyHostBlocks  # noqa: E402
 from pagedkv_core.errors import (  # noqa: E402
     BackendUnavailable,
     DeviceMismatch,
@@ -18,7 +19,6 @@ from pagedkv_core.errors import (  # noqa: E402
     ShapeMismatch,
     UnsupportedOperation,
 )
-from pagedkv_core.storage import NumpyHostBlocks  # noqa: E402
 from pagedkv_mlx.attention import MlxAttention  # noqa: E402
 
 
@@ -166,7 +166,7 @@ HAND_MADE = {  # (block_tables, seq_lens) of a hand-made BatchIndex (no check_ba
 @pytest.mark.parametrize("case", list(HAND_MADE), ids=list(HAND_MADE))
 def test_hand_made_index_is_refused_by_plan_index(backend, storage, case, prefill, kernel):
     """Both kernels gather through the ids unchecked (MLX's take would read anywhere): the plan checks first."""
-    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
     (tables, lens), error = HAND_MADE[case]
     qsl = np.array([0, 2, 3]) if prefill else np.arange(3)

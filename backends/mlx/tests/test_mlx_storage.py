@@ -8,8 +8,8 @@ from mlx_helpers import DTYPES, fill, import_mlx, make_config, random_kv
 
 mx = import_mlx()
 
-from pagedkv_core.quant import INT8_MAX, dequantize_blocks, quantize_blocks  # noqa: E402
-from pagedkv_core.storage import BlockStorage, NumpyHostBlocks  # noqa: E402
+from pagedkv_core.contract.quant import INT8_MAX, dequantize_blocks, quantize_blocks  # noqa: E402
+from pagedkv_core.contract.storage import BlockStorage, NumpyHostBlocks  # noqa: E402
 
 FLOATS = ("float32", "float16", "bfloat16")
 

@@ -4,7 +4,7 @@ BLAS cannot follow a block table, so in NumPy the whole cost of paging is the
 gather. Both paths gather whole blocks with ``np.take`` (``mode="clip"``: no
 output buffering, and no index can leave the pool) into scratch buffers the
 plan owns, and run the grouped matmul on them (the plan bounds-checks its
-index first, :func:`~pagedkv_core.attention.check_index_bounds`, so a
+index first, :func:`~pagedkv_core.contract.attention.check_index_bounds`, so a
 hand-made index given to ``plan_index`` raises instead of reading the wrong
 blocks):
 
@@ -34,7 +34,7 @@ from functools import partial
 
 import numpy as np
 
-from pagedkv_core.attention import (
+from pagedkv_core.contract.attention import (
     AttentionBase,
     AttentionParams,
     BatchIndex,
@@ -42,7 +42,7 @@ from pagedkv_core.attention import (
     check_params,
     check_query,
 )
-from pagedkv_core.decode_tiles import DecodeTile, plan_decode_tiles
+from pagedkv_core.contract.tiles import DecodeTile, plan_decode_tiles
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, ShapeMismatch
 
 from .storage import NumpyStorage

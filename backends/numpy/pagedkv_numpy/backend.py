@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pagedkv_core.backend import Capabilities, Probe
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_core.errors import InvalidArgument
 
 from .attention import NumpyAttention

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.quant import INT8_MAX, dequantize_blocks, quantize_blocks
+from pagedkv_core.contract.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, UnsupportedOperation
 from pagedkv_core.memory import check_pools
-from pagedkv_core.quant import INT8_MAX, dequantize_blocks, quantize_blocks
-from pagedkv_core.storage import HostBlocks, NumpyHostBlocks, StorageChecks
 
 __all__ = ["NumpyStorage", "NUMPY_DTYPES"]
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from pagedkv_conformance.oracle import reference_attention
-from pagedkv_core.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_index_bounds
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.attention import AttentionBase, AttentionParams, BatchIndex, check_batch, check_index_bounds
 from pagedkv_core.errors import (
     DeviceMismatch,
     DTypeMismatch,

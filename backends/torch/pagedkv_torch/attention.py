@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from pagedkv_core.attention import AttentionBase, AttentionParams, AttentionPlan, BatchIndex
+from pagedkv_core.contract.attention import AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.errors import InvalidArgument, UnsupportedOperation
 
 from .native_decode import NativeDecodePlan, native_unavailable_reason
@@ -86,7 +86,7 @@ class TorchAttention(AttentionBase):
         """Build the step's plan for ``index`` (``plan``, inherited, validates raw arrays once and calls this).
 
         ``index`` may be hand-made: every plan class bounds-checks it
-        (:func:`~pagedkv_core.attention.check_index_bounds`), except the
+        (:func:`~pagedkv_core.contract.attention.check_index_bounds`), except the
         compiled CPU decode, which checks each block id and length in C.
         """
         self.check_storage(storage)

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedkv_core.backend import Capabilities, Probe
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_core.errors import BackendUnavailable
 
 from .attention import TorchAttention

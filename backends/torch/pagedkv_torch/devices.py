@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from pagedkv_core.backend import Probe
+from pagedkv_core.contract.backend import Probe
 from pagedkv_core.errors import InvalidArgument
 
 __all__ = ["parse_device", "known_devices", "probe_device", "fp8_supported", "float_dtypes", "quantized_dtypes",

@@ -59,7 +59,7 @@ import torch
 
 from pagedkv_core.config import AllocationRequest, PrefixCacheConfig
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOperation
-from pagedkv_core.manager import PagedKvCacheManager
+from pagedkv_core.manager.facade import PagedKvCacheManager
 
 from .hf_compat import load_cache_utils
 from .hf_layers import HfCacheStats, PagedLayer, layer_windows

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedkv_core.storage import NumpyHostBlocks
+from pagedkv_core.contract.storage import NumpyHostBlocks
 
 from .convert import to_numpy
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 from pagedkv_core.errors import InvalidArgument, InvalidBlock, OutOfBounds, PagedKvError
 
 from .plan_base import TorchPlanBase

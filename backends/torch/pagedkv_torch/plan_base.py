@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pagedkv_core.attention import (
+from pagedkv_core.contract.attention import (
     AttentionParams,
     BatchIndex,
     check_index_bounds,

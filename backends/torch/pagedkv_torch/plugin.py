@@ -7,8 +7,8 @@ imported by ``spec.load()``, so a missing torch shows up as
 
 from __future__ import annotations
 
-from pagedkv_core.backend import BackendSpec
-from pagedkv_core.hookspecs import hookimpl
+from pagedkv_core.contract.backend import BackendSpec
+from pagedkv_core.contract.hookspecs import hookimpl
 
 __all__ = ["pagedkv_backends"]
 

@@ -1,6 +1,6 @@
 """Per-(block, KV head) quantization of K/V blocks on a torch device.
 
-The same arithmetic as ``pagedkv_core.quant`` (the host reference), in torch,
+The same arithmetic as ``pagedkv_core.contract.quant`` (the host reference), in torch,
 so values quantized here and there are bit-identical: ``scale = absmax / QMAX``
 over a block's tokens and head dims, values ``round(x / scale)`` (int8) or
 ``(x / scale)`` cast to float8_e4m3fn. A zero block keeps scale 0 and values 0.

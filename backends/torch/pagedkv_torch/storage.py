@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.storage import HostBlocks, StorageChecks
 from pagedkv_core.errors import DTypeMismatch, InvalidArgument, NonFiniteValue, ShapeMismatch, UnsupportedOperation
 from pagedkv_core.memory import check_pools
-from pagedkv_core.storage import HostBlocks, StorageChecks
 
 from .convert import index_tensor, native_tensor, put_, same_device, take, to_numpy, torch_dtype
 from .devices import float_dtypes, free_device_memory, parse_device, quantized_dtypes

@@ -12,7 +12,7 @@ A rank's storage is the backend's ordinary storage built with
 :meth:`HeadShard.local_config`; nothing in the core knows about sharding.
 
 **The manager runs identically on every rank** instead of rank 0 deciding and
-broadcasting block tables (vLLM's way). :class:`~pagedkv_core.manager.PagedKvCacheManager`
+broadcasting block tables (vLLM's way). :class:`~pagedkv_core.manager.facade.PagedKvCacheManager`
 is a deterministic function of its call sequence once its clock is injected
 (a step counter, say), so replicas fed the same calls make the same
 decisions: the same block ids, the same copy-on-write copies, swaps and
@@ -38,12 +38,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pagedkv_core.attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.config import CacheConfig
+from pagedkv_core.contract.attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.errors import InvalidArgument, RanksDiverged, ShapeMismatch
 
 if TYPE_CHECKING:
-    from pagedkv_core.manager import PagedKvCacheManager
+    from pagedkv_core.manager.facade import PagedKvCacheManager
 
 __all__ = [
     "HeadShard",
@@ -179,7 +179,7 @@ class TensorParallelAttention(AttentionBase):
     ``prefill(q_local, ..., query_start_loc, **kw)`` take the keyword
     arguments of the wrapped attention (``scale``, ``sliding_window``,
     ``soft_cap``, ``causal``) and return ``[tokens, num_q_heads, head_dim]``:
-    unlike the :class:`~pagedkv_core.attention.Attention` contract, the output
+    unlike the :class:`~pagedkv_core.contract.attention.Attention` contract, the output
     has more heads than the query. ``plan`` builds a step's batch work once
     for every layer, as the wrapped attention's does; each ``run`` is one
     ``all_gather``. ``storage`` is this rank's storage (``shard.local_config``).
@@ -198,10 +198,10 @@ class TensorParallelAttention(AttentionBase):
 
     def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
              sliding_window=None, soft_cap=None) -> TensorParallelPlan:
-        """See :meth:`pagedkv_core.attention.Attention.plan`; the batch arrays are the same on every rank.
+        """See :meth:`pagedkv_core.contract.attention.Attention.plan`; the batch arrays are the same on every rank.
 
         Delegates to the wrapped attention's ``plan`` (which validates the
-        arrays), so any :class:`~pagedkv_core.attention.Attention` can be wrapped.
+        arrays), so any :class:`~pagedkv_core.contract.attention.Attention` can be wrapped.
         """
         self._check_shard(storage)
         plan = self.attention.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,

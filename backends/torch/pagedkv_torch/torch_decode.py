@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedkv_core.attention import AttentionParams, BatchIndex
-from pagedkv_core.decode_tiles import plan_decode_tiles
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.tiles import plan_decode_tiles
 
 from .convert import take
 from .plan_base import TorchPlanBase

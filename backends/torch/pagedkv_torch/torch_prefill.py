@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
 from .convert import take
 from .plan_base import TorchPlanBase

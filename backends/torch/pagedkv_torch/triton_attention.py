@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
 from . import triton_kernels as kernels
 from .attention import triton_interpreting

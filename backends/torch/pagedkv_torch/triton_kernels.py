@@ -16,7 +16,7 @@ Prefill: one program per (query tile of ``BLOCK_M`` rows of one sequence,
 query head); the tile's queries sit at positions ``seq_len - n + row`` and
 scan only the key range their causal/window masks can see.
 
-Conventions (``pagedkv_core.attention``): scores ``scale * q.k``, then
+Conventions (``pagedkv_core.contract.attention``): scores ``scale * q.k``, then
 ``soft_cap * tanh(s / soft_cap)``, then masks; softmax in float32.
 ``UPCAST`` makes both dot operands float32 (quantized pools, float32 pools,
 and bfloat16 under the interpreter, whose bfloat16 dot is not exact).

@@ -188,7 +188,7 @@ def test_auto_kernel_on_cpu_is_native_when_built(backend):
 @pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
 def test_plan_index_with_a_hand_made_index_matches_plan(backend, kernel, prefill):
-    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.contract.attention import AttentionParams, BatchIndex
     from pagedkv_torch.native_decode import native_unavailable_reason
 
     if kernel == "native" and native_unavailable_reason() is not None:
@@ -208,7 +208,7 @@ def test_plan_index_with_a_hand_made_index_matches_plan(backend, kernel, prefill
 
 
 def test_tensor_parallel_plan_index_delegates_to_the_wrapped_attention(backend):
-    from pagedkv_core.attention import AttentionParams, BatchIndex
+    from pagedkv_core.contract.attention import AttentionParams, BatchIndex
     from pagedkv_core.errors import InvalidBlock
     from pagedkv_torch.tensor_parallel import HeadShard, TensorParallelAttention
 

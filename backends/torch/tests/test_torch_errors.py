@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from torch_helpers import fill, make_config  # noqa: E402
 
+from pagedkv_core.contract.storage import NumpyHostBlocks  # noqa: E402
 from pagedkv_core.errors import (  # noqa: E402
     DeviceMismatch,
     DTypeMismatch,
@@ -18,7 +19,6 @@ from pagedkv_core.errors import (  # noqa: E402
     ShapeMismatch,
     UnsupportedOperation,
 )
-from pagedkv_core.storage import NumpyHostBlocks  # noqa: E402
 from pagedkv_torch.attention import TorchAttention, triton_interpreting  # noqa: E402
 
 
@@ -165,7 +165,7 @@ HAND_MADE = {  # (tables, seq_lens) of a hand-made BatchIndex (no check_batch) -
 
 
 def _hand_made(tables, lens, prefill: bool):
-    from pagedkv_core.attention import BatchIndex
+    from pagedkv_core.contract.attention import BatchIndex
 
     qsl = np.array([0, 2, 3]) if prefill else np.arange(3)
     return BatchIndex(tables.astype(np.int64), lens.astype(np.int64), qsl, np.diff(qsl), not prefill)
@@ -176,7 +176,7 @@ def _hand_made(tables, lens, prefill: bool):
 @pytest.mark.parametrize("case", list(HAND_MADE), ids=list(HAND_MADE))
 def test_plan_index_refuses_a_hand_made_index_out_of_range(storage, case, prefill, kernel):
     """Every plan class, whether it checks in Python or (the compiled decode) in C, raises the typed error."""
-    from pagedkv_core.attention import AttentionParams
+    from pagedkv_core.contract.attention import AttentionParams
     from pagedkv_torch.native_decode import native_unavailable_reason
 
     if kernel == "native" and native_unavailable_reason(storage) is not None:
@@ -189,7 +189,7 @@ def test_plan_index_refuses_a_hand_made_index_out_of_range(storage, case, prefil
 
 
 def test_plan_index_refuses_another_storage_and_loose_params(storage):
-    from pagedkv_core.attention import AttentionParams
+    from pagedkv_core.contract.attention import AttentionParams
 
     index = _hand_made(np.array([[0, 1], [2, 3]]), np.array([9, 3]), False)
     with pytest.raises(DeviceMismatch, match="TorchStorage"):

@@ -19,7 +19,7 @@ from test_torch_hf_cache import assert_same_generation, generate, paged, prompts
 
 from pagedkv_core.config import CacheConfig  # noqa: E402
 from pagedkv_core.errors import ShapeMismatch, UnsupportedOperation  # noqa: E402
-from pagedkv_core.manager import PagedKvCacheManager  # noqa: E402
+from pagedkv_core.manager.facade import PagedKvCacheManager  # noqa: E402
 from pagedkv_torch.hf_cache import PagedCache  # noqa: E402
 from pagedkv_torch.hf_pool import layer_kv_shapes, pack, pool_shape, unpack  # noqa: E402
 from pagedkv_torch.storage import TorchStorage  # noqa: E402

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from torch_helpers import assert_close, make_batch, make_config, oracle, random_query  # noqa: E402
 
-from pagedkv_core.attention import AttentionParams, BatchIndex  # noqa: E402
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex  # noqa: E402
 from pagedkv_core.errors import (  # noqa: E402
     DTypeMismatch,
     InvalidArgument,

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from torch_helpers import assert_close, make_batch, make_config, oracle, random_query  # noqa: E402
 
-from pagedkv_core.attention import AttentionParams, check_batch  # noqa: E402
+from pagedkv_core.contract.attention import AttentionParams, check_batch  # noqa: E402
 from pagedkv_core.errors import UnsupportedOperation  # noqa: E402
 from pagedkv_torch import native_decode  # noqa: E402
 from pagedkv_torch.attention import TorchAttention  # noqa: E402

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 
 from torch_helpers import fill, make_config  # noqa: E402
 
-from pagedkv_core.quant import quantize_blocks  # noqa: E402
-from pagedkv_core.storage import HostBlocks, NumpyHostBlocks  # noqa: E402
+from pagedkv_core.contract.quant import quantize_blocks  # noqa: E402
+from pagedkv_core.contract.storage import HostBlocks, NumpyHostBlocks  # noqa: E402
 from pagedkv_numpy.storage import NumpyStorage  # noqa: E402
 from pagedkv_torch import storage as storage_module  # noqa: E402
 from pagedkv_torch.convert import bits  # noqa: E402

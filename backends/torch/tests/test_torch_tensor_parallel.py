@@ -21,7 +21,7 @@ from torch_helpers import make_config  # noqa: E402
 
 from pagedkv_core.config import AllocationRequest, CacheConfig  # noqa: E402
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch  # noqa: E402
-from pagedkv_core.manager import PagedKvCacheManager  # noqa: E402
+from pagedkv_core.manager.facade import PagedKvCacheManager  # noqa: E402
 from pagedkv_torch.attention import TorchAttention  # noqa: E402
 from pagedkv_torch.tensor_parallel import HeadShard, TensorParallelAttention, state_digest  # noqa: E402
 

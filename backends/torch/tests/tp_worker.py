@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from pagedkv_core.config import AllocationRequest, CacheConfig
 from pagedkv_core.errors import RanksDiverged
-from pagedkv_core.manager import PagedKvCacheManager
+from pagedkv_core.manager.facade import PagedKvCacheManager
 from pagedkv_torch.attention import TorchAttention
 from pagedkv_torch.storage import TorchStorage
 from pagedkv_torch.tensor_parallel import (

@@ -1,7 +1,7 @@
 """Bad input at the lowest kernel entry: a hand-made ``BatchIndex`` through ``plan_index`` never reads outside the pool.
 
 ``plan(...)`` validates raw arrays with ``check_batch``; ``plan_index(storage,
-index, params)`` takes a :class:`~pagedkv_core.attention.BatchIndex` as
+index, params)`` takes a :class:`~pagedkv_core.contract.attention.BatchIndex` as
 given (an engine that builds metadata with the manager calls it to skip the
 conversion), so nothing above the backend stands between a wrong id and the
 kernel. Each case builds the index by hand, bypassing ``check_batch``, and
@@ -20,7 +20,7 @@ import pytest
 
 from pagedkv_conformance.helpers import assert_close, make_config, make_query, make_storage, storage_state, write_random
 from pagedkv_core import errors
-from pagedkv_core.attention import AttentionParams, BatchIndex
+from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
 pytestmark = pytest.mark.pagedkv_area("bad_input")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 __all__ = [
     "SequenceInfo",

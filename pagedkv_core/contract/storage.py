@@ -17,8 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .config import CacheConfig
-from .errors import DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
+from ..config import CacheConfig
+from ..errors import DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
 
 __all__ = ["BlockStorage", "HostBlocks", "NumpyHostBlocks", "StorageChecks", "as_index_array"]
 

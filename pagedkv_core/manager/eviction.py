@@ -1,16 +1,16 @@
 """Eviction: victims chosen by the policy, swapped out, dropped, or trimmed by a window.
 
-Part of :class:`~pagedkv_core.manager.PagedKvCacheManager`, split out to keep
+Part of :class:`~pagedkv_core.manager.facade.PagedKvCacheManager`, split out to keep
 modules small; it relies on the manager's lock, pool and tables."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from .errors import InvalidArgument
-from .policies import EvictionCandidate, SequenceInfo
-from .sequence import SeqState, Sequence
-from .stats import EvictionResult
+from ..errors import InvalidArgument
+from ..policy.eviction import EvictionCandidate, SequenceInfo
+from ..stats import EvictionResult
+from .records import SeqState, Sequence
 
 RUNNING = SeqState.RUNNING
 

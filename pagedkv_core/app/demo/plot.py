@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from ..config import CacheConfig
-from ..errors import InvalidArgument, PagedKvError
-from ..pressure import MemoryPressure
+from ...config import CacheConfig
+from ...errors import InvalidArgument, PagedKvError
+from ...policy.pressure import MemoryPressure
 from .scheduler import StepRecord
 
 __all__ = ["check_plot_target", "write_plot"]

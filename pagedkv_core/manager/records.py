@@ -7,13 +7,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .block_table import BlockTable
-from .errors import StaleHandle
-from .interfaces import KvCacheHandle
-from .stats import CacheHandleStats
+from ..blocks.tables import BlockTable
+from ..errors import StaleHandle
+from ..interfaces import KvCacheHandle
+from ..stats import CacheHandleStats
 
 if TYPE_CHECKING:
-    from .manager import PagedKvCacheManager
+    from .facade import PagedKvCacheManager
 
 __all__ = ["SeqState", "Sequence", "PagedKvCacheHandle"]
 

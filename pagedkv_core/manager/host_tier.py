@@ -1,14 +1,14 @@
 """The host tier: swap out / in, int8 compression, and moving sequences between managers.
 
-Part of :class:`~pagedkv_core.manager.PagedKvCacheManager`, split out to keep
+Part of :class:`~pagedkv_core.manager.facade.PagedKvCacheManager`, split out to keep
 modules small; it relies on the manager's lock, pool and tables."""
 
 from __future__ import annotations
 
 import time
 
-from .dtypes import itemsize
-from .errors import (
+from ..dtypes import itemsize
+from ..errors import (
     InvalidArgument,
     OutOfBlocks,
     OutOfHostBlocks,
@@ -16,8 +16,8 @@ from .errors import (
     SequenceNotResident,
     UnsupportedOperation,
 )
-from .sequence import PagedKvCacheHandle, SeqState, Sequence
-from .stats import CompressionStats
+from ..stats import CompressionStats
+from .records import PagedKvCacheHandle, SeqState, Sequence
 
 RUNNING, SWAPPED = SeqState.RUNNING, SeqState.SWAPPED
 

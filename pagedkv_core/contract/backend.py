@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..config import CacheConfig
 from .attention import Attention
-from .config import CacheConfig
 from .storage import BlockStorage
 
 __all__ = ["Probe", "Capabilities", "Backend", "BackendSpec"]

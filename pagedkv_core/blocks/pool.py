@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 
-from .errors import InvalidBlock, OutOfBlocks
-from .events import AllCleared, BlockRemoved, BlockStored, CacheEvent
+from ..errors import InvalidBlock, OutOfBlocks
+from ..events import AllCleared, BlockRemoved, BlockStored, CacheEvent
 
 __all__ = ["BlockPool"]
 

@@ -7,7 +7,7 @@ and priorities in int64, block ids in int32 tables), every object has exactly
 its keys, every block is owned as a live manager would own it, and hash
 chains match their tokens. The sizes a file asks for are capped by the
 target (a prompt cache cannot hold more blocks than the target's pool and
-host tier) or, for :meth:`~pagedkv_core.manager.PagedKvCacheManager.load`,
+host tier) or, for :meth:`~pagedkv_core.manager.facade.PagedKvCacheManager.load`,
 by the memory the file's configuration would take. Problems with the file
 itself raise :class:`CorruptCacheFile`; a sound file that does not fit the
 target raises :class:`IncompatibleCache`.
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import CacheConfig
-from .dtypes import FLOAT_DTYPES, QUANTIZED_DTYPES
-from .errors import CorruptCacheFile, IncompatibleCache, InvalidArgument
-from .hashing import BlockHasher
-from .memory import BOOKKEEPING_BYTES_PER_BLOCK
+from ..blocks.hashing import BlockHasher
+from ..config import CacheConfig
+from ..dtypes import FLOAT_DTYPES, QUANTIZED_DTYPES
+from ..errors import CorruptCacheFile, IncompatibleCache, InvalidArgument
+from ..memory import BOOKKEEPING_BYTES_PER_BLOCK
 from .safetensors_io import TensorSpec
 
 __all__ = ["SavedSequence", "CheckedRecord", "COMPAT_FIELDS", "check_record", "check_fit", "check_footprint", "check_tensors",

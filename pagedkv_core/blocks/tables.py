@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OutOfBounds
+from ..errors import OutOfBounds
 
 __all__ = ["BlockTable", "TableArrays"]
 

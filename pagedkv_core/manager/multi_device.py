@@ -12,13 +12,13 @@ import threading
 from collections.abc import Sequence as Seq
 from dataclasses import fields
 
-from .config import AllocationRequest
-from .errors import InvalidArgument, OutOfBlocks, SequenceExists, UnknownSequence
-from .interfaces import MultiDeviceCacheManager
-from .manager import PagedKvCacheManager
-from .pressure import MemoryPressure, PressureCallback
-from .sequence import PagedKvCacheHandle
-from .stats import CacheGcStats, CacheManagerStats
+from ..config import AllocationRequest
+from ..errors import InvalidArgument, OutOfBlocks, SequenceExists, UnknownSequence
+from ..interfaces import MultiDeviceCacheManager
+from ..policy.pressure import MemoryPressure, PressureCallback
+from ..stats import CacheGcStats, CacheManagerStats
+from .facade import PagedKvCacheManager
+from .records import PagedKvCacheHandle
 
 __all__ = ["MultiDeviceManager"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .errors import PagedKvError
+from .. import __version__
+from ..errors import PagedKvError
 
 __all__ = ["main"]
 
@@ -25,7 +25,7 @@ EXAMPLES = {
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     """The table of backends, built-in ones not installed included; exit 1 when none is usable here."""
-    from .plugins import default_registry
+    from ..plugins import default_registry
 
     registry = default_registry()
     statuses = registry.available_backends()
@@ -72,7 +72,7 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
         raise PagedKvError(f"the conformance suite is not installed ({exc}); pip install pagedkv-conformance") from exc
     from pagedkv_conformance.targets import check_request
 
-    from .plugins import default_registry
+    from ..plugins import default_registry
 
     dtypes = [d.strip() for opt in args.dtype for d in opt.split(",") if d.strip()]
     check_request(default_registry(), args.backend, args.device, dtypes)  # typos: one line, before pytest

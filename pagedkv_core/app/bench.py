@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArgument, UnsupportedOperation
+from ..errors import InvalidArgument, UnsupportedOperation
 
 __all__ = ["BenchResult", "benchmark_paths", "run_bench", "markdown_table"]
 

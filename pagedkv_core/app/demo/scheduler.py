@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import AllocationRequest
-from ..errors import OutOfBlocks
-from ..manager import PagedKvCacheManager
-from ..policies import StreamingLLMPolicy
-from ..pressure import MemoryPressure
-from ..sequence import PagedKvCacheHandle
+from ...config import AllocationRequest
+from ...errors import OutOfBlocks
+from ...manager.facade import PagedKvCacheManager
+from ...manager.records import PagedKvCacheHandle
+from ...policy.eviction import StreamingLLMPolicy
+from ...policy.pressure import MemoryPressure
 from .engine import PagedRunner
 from .workload import Request
 

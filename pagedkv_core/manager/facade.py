@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import maintenance, persistence
-from .block_pool import BlockPool
-from .block_table import TableArrays
-from .config import AllocationRequest, PrefixCacheConfig
-from .errors import (
+from ..blocks.hashing import BlockHasher
+from ..blocks.metadata import BatchMetadata, build_batch_metadata
+from ..blocks.pool import BlockPool
+from ..blocks.tables import TableArrays
+from ..config import AllocationRequest, PrefixCacheConfig
+from ..contract.storage import BlockStorage
+from ..errors import (
     InvalidArgument,
     OutOfBlocks,
     OutOfBounds,
@@ -37,28 +39,26 @@ from .errors import (
     SequenceNotResident,
     UnknownSequence,
 )
-from .events import CacheEvent, CacheEventCallback
-from .hashing import BlockHasher
-from .interfaces import AdvancedKvCacheManager
-from .manager_eviction import EvictionMixin
-from .manager_growth import GrowthMixin
-from .manager_host import HostTierMixin
-from .memory import BOOKKEEPING_BYTES_PER_BLOCK, check_memory, host_memory_available
-from .metadata import BatchMetadata, build_batch_metadata
-from .policies import EvictionPolicy, LruPolicy
-from .pressure import MemoryPressure, PressureCallback, PressureMonitor
-from .sequence import PagedKvCacheHandle, SeqState, Sequence
-from .stats import (
+from ..events import CacheEvent, CacheEventCallback
+from ..interfaces import AdvancedKvCacheManager
+from ..memory import BOOKKEEPING_BYTES_PER_BLOCK, check_memory, host_memory_available
+from ..policy.eviction import EvictionPolicy, LruPolicy
+from ..policy.pressure import MemoryPressure, PressureCallback, PressureMonitor
+from ..stats import (
     CacheGcStats,
     CacheHandleStats,
     CacheManagerStats,
     DefragmentResult,
     FragmentationStats,
 )
-from .storage import BlockStorage
+from . import maintenance, persistence
+from .eviction import EvictionMixin
+from .growth import GrowthMixin
+from .host_tier import HostTierMixin
+from .records import PagedKvCacheHandle, SeqState, Sequence
 
 if TYPE_CHECKING:
-    from .remote import RemoteConnector, RemoteTier
+    from ..remote import RemoteConnector, RemoteTier
 
 __all__ = ["PagedKvCacheManager"]
 
@@ -430,7 +430,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         config may ask for (default: physical memory; ``IncompatibleCache``).
         K/V come back bit-exact wherever the backend keeps the saved dtype.
         """
-        from .plugins import get_backend
+        from ..plugins import get_backend
 
         saved = persistence.read_cache(path, hmac_key=hmac_key, max_bytes=max_bytes)
         scheme = saved.hash_scheme
@@ -460,7 +460,7 @@ class PagedKvCacheManager(GrowthMixin, HostTierMixin, EvictionMixin, AdvancedKvC
         and full blocks are written to it in the background after each
         :meth:`RemoteConnector.commit`. ``options`` go to :class:`RemoteConnector`.
         """
-        from .remote import RemoteConnector
+        from ..remote import RemoteConnector
 
         with self._lock:
             if self.remote is not None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..manager import PagedKvCacheManager
-from ..pressure import MemoryPressure
-from ..remote import RemoteStats
+from ...manager.facade import PagedKvCacheManager
+from ...policy.pressure import MemoryPressure
+from ...remote import RemoteStats
 from .scheduler import Scheduler
 from .selfcheck import CheckResult
 

@@ -13,11 +13,11 @@ import sys
 import time
 from typing import TextIO
 
-from ..config import CacheConfig
-from ..errors import BackendUnavailable, InvalidArgument
-from ..manager import PagedKvCacheManager
-from ..plugins import get_backend
-from ..policies import PriorityPolicy
+from ...config import CacheConfig
+from ...errors import BackendUnavailable, InvalidArgument
+from ...manager.facade import PagedKvCacheManager
+from ...plugins import get_backend
+from ...policy.eviction import PriorityPolicy
 from .engine import PagedRunner
 from .model import ModelConfig, TinyDecoder
 from .plot import check_plot_target, write_plot
@@ -93,8 +93,8 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
     manager = PagedKvCacheManager(impl.create_storage(config, device), eviction_policy=PriorityPolicy())
     connector = None
     if remote is not None:
-        from ..remote import BlockTier, LayoutFingerprint
-        from ..remote.redis_store import RedisStore
+        from ...remote import BlockTier, LayoutFingerprint
+        from ...remote.redis_store import RedisStore
 
         layout = LayoutFingerprint.for_manager(manager, f"pagedkv-demo/seed-{seed}")  # the weights follow the seed
         connector = manager.attach_remote(BlockTier(RedisStore(remote), layout))

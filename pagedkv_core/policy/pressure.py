@@ -6,7 +6,7 @@ import enum
 import time
 from collections.abc import Callable
 
-from .config import PressureThresholds
+from ..config import PressureThresholds
 
 __all__ = ["MemoryPressure", "PressureMonitor", "PressureCallback"]
 

@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import CorruptCacheFile
+from ..errors import CorruptCacheFile
 
 try:  # advisory locks tell a live temporary file from a killed save's leftover
     import fcntl

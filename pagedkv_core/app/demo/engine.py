@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import Backend
-from ..metadata import BatchMetadata
-from ..storage import BlockStorage
+from ...blocks.metadata import BatchMetadata
+from ...contract.backend import Backend
+from ...contract.storage import BlockStorage
 from .model import TinyDecoder
 
 __all__ = ["PagedRunner"]

@@ -35,8 +35,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from .config import CacheConfig
-from .errors import DeviceMismatch, DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
+from ..config import CacheConfig
+from ..errors import DeviceMismatch, DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
 from .storage import BlockStorage, as_index_array
 
 __all__ = [

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import CacheConfig
-from .errors import (
+from ..config import CacheConfig
+from ..contract.storage import NumpyHostBlocks
+from ..errors import (
     CorruptCacheFile,
     IncompatibleCache,
     InvalidArgument,
@@ -41,7 +42,7 @@ from .errors import (
     UnsupportedOperation,
     UntrustedCacheFile,
 )
-from .persistence_checks import (
+from .file_checks import (
     COMPAT_FIELDS,
     CONFIG_FIELDS,
     FILE_DTYPE,
@@ -53,12 +54,11 @@ from .persistence_checks import (
     check_tensors,
     encode_hash,
 )
+from .records import SeqState, Sequence
 from .safetensors_io import load_json_strict, read_header, read_tensors, write_safetensors
-from .sequence import SeqState, Sequence
-from .storage import NumpyHostBlocks
 
 if TYPE_CHECKING:
-    from .manager import PagedKvCacheManager
+    from .facade import PagedKvCacheManager
 
 __all__ = ["FORMAT_VERSION", "SavedCache", "save_cache", "read_cache", "restore", "load_prompt_cache"]
 

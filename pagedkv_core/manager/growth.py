@@ -1,6 +1,6 @@
 """Growing and shrinking sequences: the decode step, batch extension, rollback.
 
-Part of :class:`~pagedkv_core.manager.PagedKvCacheManager`, split out to keep
+Part of :class:`~pagedkv_core.manager.facade.PagedKvCacheManager`, split out to keep
 modules small; it relies on the manager's lock, pool and tables."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
-from .errors import InvalidArgument, OutOfBlocks, OutOfBounds, SequenceNotResident, UnknownSequence
-from .metadata import BatchMetadata, build_batch_metadata
-from .sequence import SeqState, Sequence
+from ..blocks.metadata import BatchMetadata, build_batch_metadata
+from ..errors import InvalidArgument, OutOfBlocks, OutOfBounds, SequenceNotResident, UnknownSequence
+from .records import SeqState, Sequence
 
 RUNNING = SeqState.RUNNING
 

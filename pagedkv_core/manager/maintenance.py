@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidBlock, InvariantViolation
-from .interfaces import BlockAllocator
-from .stats import DefragmentResult, FragmentationStats
+from ..errors import InvalidBlock, InvariantViolation
+from ..interfaces import BlockAllocator
+from ..stats import DefragmentResult, FragmentationStats
 
 if TYPE_CHECKING:
-    from .manager import PagedKvCacheManager
+    from .facade import PagedKvCacheManager
 
 __all__ = ["defragment", "fragmentation_stats", "check_invariants", "ManagerBlockAllocator"]
 
