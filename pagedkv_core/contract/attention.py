@@ -7,6 +7,14 @@ Conventions (one everywhere, see docs/backends.md):
   before masking and softmax.
 * ``sliding_window = w``: the query at position ``t`` sees keys at ``p`` with
   ``t - w < p <= t``. ``None``: no window.
+* ``chunk_size = c`` (chunked-local attention, Llama 4's
+  ``attention_chunk_size``): the query at ``t`` sees only keys of its own
+  chunk, ``p // c == t // c`` (and ``p <= t`` when causal). Combines with a
+  window: both masks apply. ``None``: no chunking.
+* ``sinks`` (learned attention sinks, gpt-oss): one logit per query head,
+  given to ``run``; it joins the softmax's denominator as ``exp(sink)``
+  (compared with the scaled, capped scores) and brings no value, so
+  ``out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink))``.
 * A sequence with ``seq_len`` cached tokens and ``n`` queries has them at
   positions ``seq_len - n ... seq_len - 1`` (chunked prefill over a cached prefix).
 * GQA: query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)``.
@@ -50,6 +58,7 @@ __all__ = [
     "check_index_bounds",
     "check_params",
     "check_query",
+    "check_sinks",
 ]
 
 Array = Any
@@ -68,13 +77,15 @@ class AttentionParams:
     causal: bool = True
     sliding_window: int | None = None
     soft_cap: float | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0:
             raise InvalidArgument(f"scale must be a positive finite number, got {self.scale}")
-        w = self.sliding_window
-        if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < 1):
-            raise InvalidArgument(f"sliding_window must be a positive int or None, got {w!r}")
+        for name in ("sliding_window", "chunk_size"):
+            w = getattr(self, name)
+            if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < 1):
+                raise InvalidArgument(f"{name} must be a positive int or None, got {w!r}")
         cap = self.soft_cap
         if cap is not None and (not _is_real(cap) or not math.isfinite(cap) or cap <= 0):
             raise InvalidArgument(f"soft_cap must be a positive finite number or None, got {cap!r}")
@@ -88,14 +99,16 @@ class AttentionParams:
         causal: bool = True,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        chunk_size: int | None = None,
     ) -> AttentionParams:
         """Resolve the default scale (``1 / sqrt(head_dim)``), validate, and normalise to Python scalars."""
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        given = cls(scale, causal, sliding_window, soft_cap)  # __post_init__ validates the values as given
+        given = cls(scale, causal, sliding_window, soft_cap, chunk_size)  # __post_init__ validates them as given
         return cls(float(given.scale), bool(given.causal),
                    None if given.sliding_window is None else int(given.sliding_window),
-                   None if given.soft_cap is None else float(given.soft_cap))
+                   None if given.soft_cap is None else float(given.soft_cap),
+                   None if given.chunk_size is None else int(given.chunk_size))
 
 
 def _is_real(x: Any) -> bool:
@@ -296,6 +309,12 @@ def check_params(params: AttentionParams) -> AttentionParams:
     return params
 
 
+def check_sinks(sinks_shape: tuple[int, ...], num_q_heads: int) -> None:
+    """Validate the shape of a layer's attention sinks: one logit per query head, ``[num_q_heads]``."""
+    if tuple(sinks_shape) != (num_q_heads,):
+        raise ShapeMismatch(f"sinks must be [{num_q_heads}] (one logit per query head), got {tuple(sinks_shape)}")
+
+
 def check_query(q_shape: tuple[int, ...], index: BatchIndex, config: CacheConfig) -> int:
     """Validate a query's shape; return the number of query heads."""
     if len(q_shape) != 3 or q_shape[2] != config.head_dim or q_shape[0] != index.num_queries:
@@ -315,7 +334,12 @@ class AttentionPlan(Protocol):
     """Batch-dependent work done once per step; ``run`` per layer."""
 
     def run(self, q: Array, layer: int) -> Array:
-        """``q: [num_queries, num_q_heads, head_dim]`` -> output of the same shape and dtype."""
+        """``q: [num_queries, num_q_heads, head_dim]`` -> output of the same shape and dtype.
+
+        Backends whose capabilities list ``"sinks"`` also take ``sinks=``: a
+        ``[num_q_heads]`` float array (host NumPy or the backend's own) of
+        this layer's learned sink logits (see the module doc).
+        """
 
 
 @runtime_checkable
@@ -338,6 +362,7 @@ class Attention(Protocol):
         scale: float | None = None,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        chunk_size: int | None = None,
     ) -> AttentionPlan:
         """Prepare a batch. ``query_start_loc=None`` means decode (one query per sequence)."""
 
@@ -352,6 +377,8 @@ class Attention(Protocol):
         scale: float | None = None,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        chunk_size: int | None = None,
+        sinks: Array | None = None,
     ) -> Array:
         """``q: [batch, num_q_heads, head_dim]``; ``block_tables: int32 [batch, max_blocks]``; ``seq_lens: int32 [batch]``."""
 
@@ -368,6 +395,8 @@ class Attention(Protocol):
         scale: float | None = None,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        chunk_size: int | None = None,
+        sinks: Array | None = None,
     ) -> Array:
         """``q: [total_queries, num_q_heads, head_dim]``; ``query_start_loc: int32 [batch + 1]``."""
 
@@ -419,7 +448,8 @@ class AttentionBase:
 
     def plan(self, storage: BlockStorage, block_tables: Array, seq_lens: Array,
              query_start_loc: Array | None = None, *, causal: bool = True, scale: float | None = None,
-             sliding_window: int | None = None, soft_cap: float | None = None) -> AttentionPlan:
+             sliding_window: int | None = None, soft_cap: float | None = None,
+             chunk_size: int | None = None) -> AttentionPlan:
         """Validate a batch once and plan it (see :meth:`Attention.plan`).
 
         ``block_tables: int [batch, max_blocks]``, ``seq_lens: int [batch]``,
@@ -430,7 +460,7 @@ class AttentionBase:
         config = self.check_storage(storage)
         index = check_batch(config, block_tables, seq_lens, query_start_loc)
         params = AttentionParams.make(config.head_dim, scale=scale, causal=causal, sliding_window=sliding_window,
-                                      soft_cap=soft_cap)
+                                      soft_cap=soft_cap, chunk_size=chunk_size)
         return self.plan_index(storage, index, params)
 
     def plan_index(self, storage: BlockStorage, index: BatchIndex, params: AttentionParams) -> AttentionPlan:
@@ -445,21 +475,26 @@ class AttentionBase:
         config = self.check_storage(storage)
         index = check_index_bounds(index, config)
         params = check_params(params)
+        extra = {} if params.chunk_size is None else {"chunk_size": params.chunk_size}  # older plans lack it
         return self.plan(storage, index.block_tables, index.seq_lens,
                          None if index.is_decode else index.query_start_loc, causal=params.causal,
-                         scale=params.scale, sliding_window=params.sliding_window, soft_cap=params.soft_cap)
+                         scale=params.scale, sliding_window=params.sliding_window, soft_cap=params.soft_cap, **extra)
 
     def decode(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array, *,
-               scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+               scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
+               chunk_size: int | None = None, sinks: Array | None = None) -> Array:
         """See :meth:`Attention.decode`."""
+        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
         plan = self.plan(storage, block_tables, seq_lens, None, scale=scale,
-                         sliding_window=sliding_window, soft_cap=soft_cap)
-        return plan.run(q, layer)
+                         sliding_window=sliding_window, soft_cap=soft_cap, **extra)
+        return plan.run(q, layer) if sinks is None else plan.run(q, layer, sinks=sinks)
 
     def prefill(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array,
                 query_start_loc: Array, *, causal: bool = True, scale: float | None = None,
-                sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+                sliding_window: int | None = None, soft_cap: float | None = None,
+                chunk_size: int | None = None, sinks: Array | None = None) -> Array:
         """See :meth:`Attention.prefill`."""
+        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
         plan = self.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
-                         sliding_window=sliding_window, soft_cap=soft_cap)
-        return plan.run(q, layer)
+                         sliding_window=sliding_window, soft_cap=soft_cap, **extra)
+        return plan.run(q, layer) if sinks is None else plan.run(q, layer, sinks=sinks)

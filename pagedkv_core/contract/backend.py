@@ -38,7 +38,10 @@ class Capabilities:
     """What a backend can do on one device, as data the conformance suite reads.
 
     ``kernels`` names the attention features: ``decode``, ``prefill``,
-    ``sliding_window``, ``soft_cap``, ``gqa``. ``block_sizes=None`` means any.
+    ``sliding_window``, ``soft_cap``, ``gqa``, and where implemented
+    ``chunked_local`` (``chunk_size``) and ``sinks`` (``run(..., sinks=)``);
+    a plan asked for a feature its backend does not list raises
+    ``UnsupportedOperation``. ``block_sizes=None`` means any.
     ``tolerances`` may widen or tighten the suite's per-dtype tolerances per
     operation: ``{("decode", "float16"): (atol, rtol)}``.
     ``expected_failures`` declares checks known to fail: ``{check_id_prefix: reason}``.
