@@ -32,11 +32,15 @@ def reference_attention(
     scale: float | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    chunk_size: int | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Attention of ``q [num_queries, num_q_heads, head_dim]`` over paged K/V, in float64.
 
     ``k_pool, v_pool: [num_blocks, block_size, num_kv_heads, head_dim]``;
     ``query_start_loc=None`` means one query per sequence (decode).
+    ``chunk_size``: a query sees only keys of its own chunk (``p // c == t // c``);
+    ``sinks [num_q_heads]``: each head's sink logit joins the denominator.
     A query row that can see no key (possible only with ``causal=False`` and
     an empty sequence) gets zeros.
     """
@@ -57,7 +61,8 @@ def reference_attention(
         for i, row in enumerate(range(start, end)):
             t = seq_len - (end - start) + i  # the query's position
             visible = [p for p in range(seq_len)
-                       if (not causal or p <= t) and (sliding_window is None or t - sliding_window < p <= t)]
+                       if (not causal or p <= t) and (sliding_window is None or t - sliding_window < p <= t)
+                       and (chunk_size is None or p // chunk_size == t // chunk_size)]
             if not visible:
                 continue
             for h in range(num_q_heads):
@@ -65,7 +70,9 @@ def reference_attention(
                 scores = np.array([scale * np.dot(q[row, h], keys[p, kv]) for p in visible])
                 if soft_cap is not None:
                     scores = soft_cap * np.tanh(scores / soft_cap)
-                weights = np.exp(scores - scores.max())
-                weights /= weights.sum()
+                top = scores.max() if sinks is None else max(scores.max(), float(sinks[h]))
+                weights = np.exp(scores - top)
+                denominator = weights.sum() + (0.0 if sinks is None else math.exp(float(sinks[h]) - top))
+                weights /= denominator
                 out[row, h] = sum(w * values[p, kv] for w, p in zip(weights, visible))
     return out
