@@ -11,7 +11,7 @@ import textwrap
 MINI_BACKEND = textwrap.dedent('''
     import numpy as np
     from pagedkv_core import AttentionBase, AttentionParams, Capabilities, Probe, check_batch, check_query
-    from pagedkv_core.errors import DTypeMismatch
+    from pagedkv_core.errors import DTypeMismatch, UnsupportedOperation
     from pagedkv_core.plugins import register_backend
     from pagedkv_numpy.storage import NumpyStorage
 
@@ -19,7 +19,9 @@ MINI_BACKEND = textwrap.dedent('''
         def __init__(self, storage, index, params, ignore_soft_cap):
             self.storage, self.index, self.params, self.ignore = storage, index, params, ignore_soft_cap
 
-        def run(self, q, layer):
+        def run(self, q, layer, sinks=None):
+            if sinks is not None:  # not in its capabilities: refused, never ignored
+                raise UnsupportedOperation("mini has no attention sinks")
             c = self.storage.config
             storage_layer = self.storage.checks.layer(layer)
             check_query(q.shape, self.index, c)
@@ -56,7 +58,9 @@ MINI_BACKEND = textwrap.dedent('''
             self.ignore = ignore_soft_cap
 
         def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
-                 sliding_window=None, soft_cap=None):
+                 sliding_window=None, soft_cap=None, chunk_size=None):
+            if chunk_size is not None:
+                raise UnsupportedOperation("mini has no chunked-local attention")
             index = check_batch(storage.config, block_tables, seq_lens, query_start_loc)
             params = AttentionParams.make(storage.config.head_dim, scale=scale, causal=causal,
                                           sliding_window=sliding_window, soft_cap=soft_cap)

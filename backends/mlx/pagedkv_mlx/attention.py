@@ -14,7 +14,11 @@ by measurement (``docs/benchmarks-mlx.md``):
   :mod:`pagedkv_mlx.kernel_mlx`; the path for Metal.
 
 Both follow the conventions of :mod:`pagedkv_core.contract.attention` and are checked
-against the float64 oracle on every dtype.
+against the float64 oracle on every dtype, with every feature: sliding
+window, soft-cap, chunked-local attention (``chunk_size``: the layout keeps
+only the blocks of a query's chunk) and attention sinks (``run(q, layer,
+sinks=)``, validated here once per call, then handed to the kernel as
+float32 host logits).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pagedkv_core.contract.attention import (
     check_index_bounds,
     check_params,
     check_query,
+    check_sinks,
 )
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument
 
@@ -52,6 +57,35 @@ def _host_float32(q: Array) -> np.ndarray:
     if q.dtype == mx.bfloat16:
         return bf16_bits_to_f32(view)
     return view.astype(np.float32, copy=False)
+
+
+def _host_sinks(sinks: Any, num_q_heads: int) -> np.ndarray:
+    """Validate a layer's sink logits and return them as float32 NumPy ``[num_q_heads]``.
+
+    Takes an ``mx.array`` or a host ``numpy.ndarray`` of any float dtype
+    (the contract's two forms); both kernels want host logits (the host
+    kernel computes on NumPy, the graph kernel checks whether they are
+    exact in its dtype), and a non-finite logit is refused, since it would
+    turn its head's every output into NaN or zeros.
+    """
+    if isinstance(sinks, mx.array):
+        if sinks.dtype not in (*FLOAT_MX, mx.float64):
+            raise DTypeMismatch(f"sinks must hold floats, got {dtype_name(sinks.dtype)}")
+        check_sinks(tuple(sinks.shape), num_q_heads)
+        host = np.array(sinks.astype(mx.float32) if sinks.dtype != mx.float64 else sinks)
+    elif isinstance(sinks, np.ndarray):
+        if sinks.dtype.kind != "f":
+            raise DTypeMismatch(f"sinks must hold floats, got dtype {sinks.dtype}")
+        check_sinks(sinks.shape, num_q_heads)
+        host = sinks
+    else:
+        raise DeviceMismatch(f"mlx attention needs sinks as an mx.array or numpy.ndarray, got {type(sinks).__name__}")
+    with np.errstate(over="ignore"):
+        logits = host.astype(np.float32)
+    if not np.isfinite(logits).all():  # checked after the cast: a float64 logit past float32's range is refused too
+        bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+        raise InvalidArgument(f"sinks must be finite (in float32, the softmax's dtype), got {host[bad]} at head {bad}")
+    return logits
 
 
 class MlxPlan:
@@ -81,25 +115,29 @@ class MlxPlan:
             raise DTypeMismatch(f"q must be {names} for a {storage.config.dtype} pool, got {dtype_name(q.dtype)}")
         return check_query(tuple(q.shape), self.index, storage.config)
 
-    def run(self, q: Array, layer: int) -> Array:
+    def run(self, q: Array, layer: int, *, sinks: Array | np.ndarray | None = None) -> Array:
         """Attention of ``q [num_queries, num_q_heads, head_dim]`` (mx.array) over ``layer``.
 
         ``q`` has the pool's dtype (float16/bfloat16/float32 for int8 pools);
-        the output has ``q``'s shape and dtype. The ``host`` kernel returns an
+        the output has ``q``'s shape and dtype. ``sinks``: this layer's sink
+        logits, ``[num_q_heads]`` finite floats as an ``mx.array`` or NumPy
+        array of any float dtype, or ``None``. The ``host`` kernel returns an
         evaluated array, the ``mlx`` kernel a lazy one.
         """
-        self._check_q(q)
+        num_q_heads = self._check_q(q)
         layer = self.storage.checks.layer(layer)
+        sink = None if sinks is None else _host_sinks(sinks, num_q_heads)
         if self.kernel is None:
             return mx.zeros(q.shape, q.dtype)
         storage = self.storage
         if isinstance(self.kernel, GraphKernel):
             with mx.stream(storage.mx_device):
                 scales = None if storage.k_scale is None else (storage.k_scale, storage.v_scale)
-                return self.kernel.run(q, (storage.k, storage.v), scales, layer)
+                return self.kernel.run(q, (storage.k, storage.v), scales, layer, sink)
         k, v, ks, vs = storage.host_views()  # views: dropped when this call returns
         out = np.empty(q.shape, np.float32)
-        self.kernel.run(_host_float32(q), (k[layer], v[layer]), None if ks is None else (ks[layer], vs[layer]), out)
+        self.kernel.run(_host_float32(q), (k[layer], v[layer]), None if ks is None else (ks[layer], vs[layer]), out,
+                        sink)
         result = mx.array(out).astype(q.dtype)
         mx.eval(result)
         return result

@@ -14,7 +14,11 @@ the ``gpu`` device uses :mod:`pagedkv_mlx.kernel_mlx` instead.
   columns; a ragged batch gathers only the rows still active in a column.
 * **prefill** loops over sequences (its work is quadratic in length, the loop
   is free): it gathers the sequence's visible K/V once, then runs query tiles
-  whose scores fit the budget, each over the keys it can see.
+  whose scores fit the budget, each over the keys it can see. With a chunk
+  size, tiles end at chunk boundaries, so a tile's keys are its own chunk's.
+
+Attention sinks (one logit per query head) join each softmax's denominator
+as ``exp(sink - max)``, the max taken over the scores and the sink.
 
 GQA never repeats K/V: query heads are viewed as ``[num_kv_heads, group]``.
 Scores and softmax are float32; float16/bfloat16/int8 blocks are converted
@@ -29,7 +33,7 @@ from pagedkv_core.config import CacheConfig
 from pagedkv_core.contract.attention import AttentionParams
 
 from .arrays import bf16_bits_to_f32
-from .layout import BatchLayout
+from .layout import BatchLayout, first_visible
 
 __all__ = ["HostKernel", "TILE_BYTES", "SCORE_ELEMS"]
 
@@ -86,33 +90,47 @@ class HostKernel:
         self._hidden = layout.hidden(slice(None), 0, 1) if self.decode else None  # [rows, 1, width * bs]
 
     def run(self, q: np.ndarray, pools: tuple[np.ndarray, np.ndarray],
-            scales: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray) -> None:
+            scales: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray,
+            sinks: np.ndarray | None = None) -> None:
         """Attention of float32 ``q [num_queries, num_q_heads, d]`` into float32 ``out`` (same shape).
 
         ``pools``: one layer's K and V ``[num_blocks, block_size, heads, d]``
         as stored (float32/float16, uint16 bfloat16 bits, int8); ``scales``:
-        float32 ``[num_blocks, heads]`` each for int8 pools, else ``None``.
+        float32 ``[num_blocks, heads]`` each for int8 pools, else ``None``;
+        ``sinks``: float32 ``[num_q_heads]`` sink logits (validated), or ``None``.
         """
         k, v = (p.reshape(p.shape[0], -1) for p in pools)
         ks, vs = (None, None) if scales is None else scales
         p = self.params
         mult = p.scale if p.soft_cap is None else p.scale / p.soft_cap
+        sink = None if sinks is None else sinks.reshape(self.config.num_kv_heads, -1)  # [heads, group]
         if self.decode:
-            self._decode(q, mult, (k, ks), (v, vs), out)
+            self._decode(q, mult, (k, ks), (v, vs), out, None if sink is None else sink[None, :, :, None])
         else:
-            self._prefill(q, mult, (k, ks), (v, vs), out)
+            self._prefill(q, mult, (k, ks), (v, vs), out, None if sink is None else sink[:, None, :, None])
 
-    def _softmax(self, s: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        """Soft-cap, mask and exponentiate ``s [..., keys]`` in place; return the row sums."""
+    def _softmax(self, s: np.ndarray, hidden: np.ndarray, sink: np.ndarray | None) -> np.ndarray:
+        """Soft-cap, mask and exponentiate ``s [..., keys]`` in place; return the row sums.
+
+        ``sink`` (broadcastable to ``s[..., :1]``): the sink logits, which
+        count in the max and the sums but bring no value.
+        """
         if self.params.soft_cap is not None:
             np.tanh(s, out=s)
             s *= self.params.soft_cap
         np.copyto(s, -np.inf, where=hidden)
-        s -= s.max(axis=-1, keepdims=True)
+        top = s.max(axis=-1, keepdims=True)
+        if sink is not None:
+            top = np.maximum(top, sink)
+        s -= top
         np.exp(s, out=s)
-        return s.sum(axis=-1, keepdims=True)
+        denom = s.sum(axis=-1, keepdims=True)
+        if sink is not None:
+            denom += np.exp(sink - top)
+        return denom
 
-    def _decode(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray) -> None:
+    def _decode(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray,
+                sink: np.ndarray | None) -> None:
         lay, c = self.layout, self.config
         h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
         num_q_heads = q.shape[1]
@@ -134,7 +152,7 @@ class HostKernel:
             for r0, r1, c0, c1 in tiles:
                 keys = self._gather_k(*k, ids[r0:r1, c0:c1]).reshape(r1 - r0, -1, h, d)
                 np.matmul(qg[r0:r1], keys.transpose(0, 2, 3, 1), out=s[r0:r1, :, :, c0 * bs:c1 * bs])
-            denom = self._softmax(s, self._hidden[g0:g1, :, None, :])
+            denom = self._softmax(s, self._hidden[g0:g1, :, None, :], sink)
             acc = np.zeros((rows, h, group, d), np.float32)
             part = np.empty_like(acc)
             for r0, r1, c0, c1 in tiles:
@@ -144,12 +162,13 @@ class HostKernel:
             acc /= denom
             out[lay.q_start[g0:g1]] = acc.reshape(rows, num_q_heads, d)
 
-    def _prefill(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray) -> None:
+    def _prefill(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray,
+                 sink: np.ndarray | None) -> None:
         lay, c, p = self.layout, self.config, self.params
         h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
         num_q_heads = q.shape[1]
         group = num_q_heads // h
-        upper = p.causal or p.sliding_window is not None
+        upper, chunk = p.causal or p.sliding_window is not None, p.chunk_size
         for r in range(lay.rows):
             n, seq_len, q0 = int(lay.q_count[r]), int(lay.seq_len[r]), int(lay.q_start[r])
             nb, key0 = int(lay.num_blocks[r]), int(lay.first_block[r]) * bs
@@ -158,15 +177,21 @@ class HostKernel:
             values = self._gather_v(*v, ids).reshape(-1, h, d).transpose(1, 0, 2)  # [h, slots, d]
             qh = np.multiply(q[q0:q0 + n].reshape(n, h, group, d).transpose(1, 0, 2, 3), mult, dtype=np.float32)
             tile = max(1, SCORE_ELEMS // (num_q_heads * nb * bs))
-            for i0 in range(0, n, tile):
+            i0 = 0
+            while i0 < n:
+                t_lo = seq_len - n + i0
                 i1 = min(n, i0 + tile)
-                t_lo, t_hi = seq_len - n + i0, seq_len - n + i1 - 1
-                j1 = (t_hi + 1 if upper else seq_len) - key0
-                j0 = 0 if p.sliding_window is None else max(0, t_lo - p.sliding_window + 1 - key0)
+                if chunk is not None:  # end the tile at its chunk's end: its keys are that one chunk's
+                    i1 = min(i1, (t_lo // chunk + 1) * chunk - (seq_len - n))
+                t_hi = seq_len - n + i1 - 1
+                last = seq_len if chunk is None else min(seq_len, (t_lo // chunk + 1) * chunk)
+                j1 = (t_hi + 1 if upper else last) - key0
+                j0 = max(0, int(first_visible(np.asarray(t_lo), p)) - key0)
                 s = np.matmul(qh[:, i0:i1].reshape(h, -1, d), keys[:, :, j0:j1])  # [h, (i, g), keys]
                 s = s.reshape(h, i1 - i0, group, j1 - j0)
                 hidden = lay.hidden(slice(r, r + 1), i0, i1, width=nb)[0, :, j0:j1]
-                denom = self._softmax(s, hidden[None, :, None, :])
+                denom = self._softmax(s, hidden[None, :, None, :], sink)
                 acc = np.matmul(s.reshape(h, -1, j1 - j0), values[:, j0:j1]).reshape(h, i1 - i0, group, d)
                 acc /= denom
                 out[q0 + i0:q0 + i1] = acc.transpose(1, 0, 2, 3).reshape(i1 - i0, num_q_heads, d)
+                i0 = i1

@@ -9,6 +9,13 @@ dtype. A soft-cap has to act on the scores, which the fused kernel never
 exposes, so with ``soft_cap`` the scores are computed by a grouped matmul
 (query heads viewed as ``[num_kv_heads, group]``) in float32.
 
+Attention sinks go to the fused kernel's ``sinks`` argument where this MLX
+has one (0.29 and later) and the sink logits are exact in the attention's
+dtype (the kernel takes them in q's dtype; rounding a float32 logit to
+bfloat16 would change the result); otherwise, and with a soft-cap, the
+grouped float32 path adds ``exp(sink - max)`` to its denominator. A
+chunk size only changes the mask and which blocks the layout keeps.
+
 Queries are padded per row to the longest row and processed in tiles whose
 score matrix fits a budget, so a long prefill never materialises all scores.
 Evaluation point: ``run`` evaluates the gathered K/V before building the
@@ -20,6 +27,7 @@ On Linux's CPU device this kernel is correct but slow (MLX's CPU gather);
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -31,12 +39,26 @@ from pagedkv_core.contract.attention import AttentionParams
 from .int8 import dequantize_blocks
 from .layout import BatchLayout
 
-__all__ = ["GraphKernel", "TILE_SLOTS"]
+__all__ = ["GraphKernel", "TILE_SLOTS", "fused_takes_sinks"]
 
 Array = Any  # mx.array
 
 TILE_SLOTS = 1 << 19
 """(query, key slot) pairs of one query tile over all rows; its float32 scores take this x num_q_heads x 4 bytes."""
+
+
+@cache
+def fused_takes_sinks() -> bool:
+    """Whether this MLX's ``mx.fast.scaled_dot_product_attention`` has the ``sinks`` argument (MLX >= 0.29).
+
+    An older one refuses the keyword when called, before building anything.
+    """
+    z = mx.zeros((1, 1, 1, 1))
+    try:
+        mx.fast.scaled_dot_product_attention(z, z, z, scale=1.0, sinks=mx.zeros((1,)))
+    except TypeError:
+        return False
+    return True
 
 
 class GraphKernel:
@@ -75,16 +97,23 @@ class GraphKernel:
         # MLX's CPU SDPA runs several times slower on this strided view than a copy plus the contiguous case
         return mx.contiguous(kv) if self.cpu else kv
 
-    def run(self, q: Array, pools: tuple[Array, Array], scales: tuple[Array, Array] | None, layer: int) -> Array:
+    def run(self, q: Array, pools: tuple[Array, Array], scales: tuple[Array, Array] | None, layer: int,
+            sinks: np.ndarray | None = None) -> Array:
         """``q [num_queries, num_q_heads, d]`` (MLX) over ``layer`` of the whole ``pools`` (and int8 ``scales``).
 
-        Returns the output in ``q``'s dtype, lazily. For float pools the
-        attention runs in the pool dtype (float32 softmax); int8 pools are
-        dequantized to float32.
+        ``sinks``: float32 NumPy ``[num_q_heads]`` sink logits (validated),
+        or ``None``. Returns the output in ``q``'s dtype, lazily. For float
+        pools the attention runs in the pool dtype (float32 softmax); int8
+        pools, a soft-cap, and sinks the fused kernel cannot take exactly
+        run in float32.
         """
         p = self.params
         quantized = scales is not None
         dtype = mx.float32 if quantized or p.soft_cap is not None else pools[0].dtype
+        fused = p.soft_cap is None and (sinks is None or self._fused_sinks_exact(sinks, dtype))
+        if not fused:
+            dtype = mx.float32
+        sink = None if sinks is None else mx.array(sinks).astype(dtype)
         ks, vs = (None, None) if scales is None else scales
         k, v = self._kv(pools[0], ks, layer, dtype), self._kv(pools[1], vs, layer, dtype)
         mx.eval(k, v)  # the reads of the pools are done: nothing holds them any more
@@ -93,22 +122,39 @@ class GraphKernel:
         parts = []
         for (q0, q1), visible in zip(self.tiles, self.visible):
             qt = qc[self.q_rows[:, q0:q1]].transpose(0, 2, 1, 3)  # [rows, q_heads, qt, d]
-            if p.soft_cap is None:
+            if not fused:
+                o = self._grouped(qt, k, v, visible, sink)
+            elif sink is None:
                 o = mx.fast.scaled_dot_product_attention(qt, k, v, scale=p.scale, mask=visible)
             else:
-                o = self._capped(qt, k, v, visible)
+                o = mx.fast.scaled_dot_product_attention(qt, k, v, scale=p.scale, mask=visible, sinks=sink)
             parts.append(o.transpose(0, 2, 1, 3))  # [rows, qt, q_heads, d]
         o = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
         return o.reshape(-1, num_q_heads, d)[self.order].astype(q.dtype)
 
-    def _capped(self, qt: Array, k: Array, v: Array, visible: Array) -> Array:
-        """Soft-capped attention by grouped matmul in float32: ``qt [rows, q_heads, n, d]`` -> same shape."""
+    @staticmethod
+    def _fused_sinks_exact(sinks: np.ndarray, dtype: Any) -> bool:
+        """Whether the fused kernel can take ``sinks`` in ``dtype`` (it has the argument, and no logit rounds)."""
+        if not fused_takes_sinks():
+            return False
+        return bool((np.array(mx.array(sinks).astype(dtype).astype(mx.float32)) == sinks).all())
+
+    def _grouped(self, qt: Array, k: Array, v: Array, visible: Array, sink: Array | None) -> Array:
+        """Attention by grouped matmul in float32, with the soft-cap and sinks: ``qt [rows, q_heads, n, d]`` -> same."""
         p, h = self.params, self.config.num_kv_heads
         rows, num_q_heads, n, d = qt.shape
         group = num_q_heads // h
         qg = qt.reshape(rows, h, group * n, d)
-        s = (qg @ k.swapaxes(-1, -2)) * (p.scale / p.soft_cap)  # [rows, h, group * n, keys]
-        s = p.soft_cap * mx.tanh(s)
+        mult = p.scale if p.soft_cap is None else p.scale / p.soft_cap
+        s = (qg @ k.swapaxes(-1, -2)) * mult  # [rows, h, group * n, keys]
+        if p.soft_cap is not None:
+            s = p.soft_cap * mx.tanh(s)
         s = mx.where(visible[:, :, None], s.reshape(rows, h, group, n, -1), -mx.inf)
-        w = mx.softmax(s, axis=-1).reshape(rows, h, group * n, -1)
-        return (w @ v).reshape(rows, num_q_heads, n, d)
+        if sink is None:
+            w = mx.softmax(s, axis=-1)
+        else:  # the sink counts in the max and the denominator, and brings no value
+            logit = sink.reshape(1, h, group, 1, 1)
+            top = mx.maximum(mx.max(s, axis=-1, keepdims=True), logit)
+            e = mx.exp(s - top)
+            w = e / (mx.sum(e, axis=-1, keepdims=True) + mx.exp(logit - top))
+        return (w.reshape(rows, h, group * n, -1) @ v).reshape(rows, num_q_heads, n, d)

@@ -5,7 +5,9 @@ Computed once per step in ``plan`` from the validated :class:`BatchIndex`
 attention kernels. Only sequences with at least one query become rows, and a
 row keeps only the blocks its queries can see: with a sliding window ``w``
 the blocks before position ``first_query - w + 1`` are dropped, so a decode
-step reads ``ceil(w / block_size) + 1`` blocks per sequence at most.
+step reads ``ceil(w / block_size) + 1`` blocks per sequence at most; with a
+chunk ``c`` (chunked-local attention) so are the blocks before the first
+query's chunk, so a decode step reads only its own chunk's blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,22 @@ import numpy as np
 
 from pagedkv_core.contract.attention import AttentionParams, BatchIndex
 
-__all__ = ["BatchLayout"]
+__all__ = ["BatchLayout", "first_visible"]
+
+
+def first_visible(t: np.ndarray, params: AttentionParams) -> np.ndarray:
+    """The first position a query at ``t`` (int array, ``>= 0``) sees: the later of its window's and chunk's starts.
+
+    Both bounds grow with ``t``, so for a run of queries the first one's
+    bound is where the run's keys start: what the layout and the prefill
+    tiles cut at.
+    """
+    first = np.zeros_like(t)
+    if params.sliding_window is not None:
+        first = np.maximum(first, t - params.sliding_window + 1)
+    if params.chunk_size is not None:
+        first = np.maximum(first, t // params.chunk_size * params.chunk_size)
+    return first
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +62,7 @@ class BatchLayout:
     def build(cls, index: BatchIndex, block_size: int, params: AttentionParams) -> BatchLayout:
         seqs = np.flatnonzero(index.query_lens > 0)
         seq_len, count = index.seq_lens[seqs], index.query_lens[seqs]
-        first_pos = np.zeros_like(seq_len)
-        if params.sliding_window is not None:
-            first_pos = np.maximum(seq_len - count - params.sliding_window + 1, 0)
-        first = first_pos // block_size
+        first = first_visible(seq_len - count, params) // block_size
         nblocks = -(-seq_len // block_size) - first
         order = np.argsort(-nblocks, kind="stable")
         seqs, seq_len, count, first, nblocks = seqs[order], seq_len[order], count[order], first[order], nblocks[order]
@@ -94,6 +108,8 @@ class BatchLayout:
             hidden = hidden | (pos > t)
         if p.sliding_window is not None:
             hidden = hidden | (pos <= t - p.sliding_window)
+        if p.chunk_size is not None:
+            hidden = hidden | (pos // p.chunk_size != t // p.chunk_size)
         padding = i >= count
         if padding.any():
             slot0 = np.arange(width * bs)[None, None, :] == 0

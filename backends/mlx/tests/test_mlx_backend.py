@@ -61,7 +61,7 @@ def test_protocols_probes_and_capabilities(backend):
     assert not backend.probe("npu").available and "npu" in backend.probe("npu").reason
     caps = backend.capabilities("cpu")
     assert caps.dtypes == ("float32", "float16", "bfloat16") and caps.quantized == ("int8",)
-    assert set(caps.kernels) == {"decode", "prefill", "sliding_window", "soft_cap", "gqa"}
+    assert set(caps.kernels) == {"decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks"}
     gpu = backend.probe("gpu")
     if gpu.available:
         assert backend.capabilities("gpu").supports_dtype("int8")

@@ -20,6 +20,15 @@ blocks):
   computed. Memory is one K/V tile, one score tile and accumulators the
   size of the queries, whatever the cached length.
 
+Chunked-local attention (``chunk_size``) only moves where a query's keys
+start: decode rebases each row's block table at the first block of the
+query's chunk (or window), so blocks before it are never gathered, and
+prefill cuts its query tiles at chunk boundaries, so each tile's keys are
+one chunk and need no extra mask. Attention sinks join the softmax as a
+virtual key with a logit and no value: decode adds ``exp(sink - max)`` to
+the denominator, prefill starts its online softmax from the sink (running
+max ``sink``, denominator 1) instead of from nothing.
+
 GQA never repeats K/V: query heads are reshaped to ``[.., num_kv_heads,
 group, head_dim]`` and every matmul is batched over KV heads. Scores are
 accumulated in float32 (float64 for float64 pools); int8 blocks are
@@ -41,9 +50,10 @@ from pagedkv_core.contract.attention import (
     check_index_bounds,
     check_params,
     check_query,
+    check_sinks,
 )
 from pagedkv_core.contract.tiles import DecodeTile, plan_decode_tiles
-from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, ShapeMismatch
+from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument, ShapeMismatch
 
 from .storage import NumpyStorage
 
@@ -102,6 +112,40 @@ def _heads_first(q: np.ndarray, num_kv_heads: int, cdtype: np.dtype, mult: float
     return out.reshape(num_kv_heads, n * group, d)
 
 
+def _first_visible(t: np.ndarray, params: AttentionParams) -> np.ndarray:
+    """The first position a query at ``t`` (int64 array) sees: its window's start and its chunk's, whichever is later.
+
+    Causality bounds the other end (``<= t``) and the sequence's length the
+    rest, so ``[_first_visible(t), t]`` is a query's whole causal range.
+    """
+    first = np.zeros_like(t)
+    if params.sliding_window is not None:
+        first = np.maximum(first, t - params.sliding_window + 1)
+    if params.chunk_size is not None:
+        first = np.maximum(first, t // params.chunk_size * params.chunk_size)
+    return first
+
+
+def _sink_logits(sinks: object, num_q_heads: int, cdtype: np.dtype) -> np.ndarray:
+    """Validate a layer's sink logits (``[num_q_heads]``, any float dtype, finite) and convert them to ``cdtype``.
+
+    Checked per ``run`` because sinks are per layer; a non-finite logit
+    would turn every output row of its head into NaN or zeros, so it is
+    refused rather than computed.
+    """
+    if not isinstance(sinks, np.ndarray):
+        raise DeviceMismatch(f"numpy attention needs sinks as a numpy.ndarray, got {type(sinks).__name__}")
+    if sinks.dtype.kind != "f":
+        raise DTypeMismatch(f"sinks must hold floats, got dtype {sinks.dtype}")
+    check_sinks(sinks.shape, num_q_heads)
+    with np.errstate(over="ignore"):
+        logits = sinks.astype(cdtype)
+    if not np.isfinite(logits).all():  # checked after the cast: a float64 logit past float32's range is refused too
+        bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+        raise InvalidArgument(f"sinks must be finite (in {cdtype}, the softmax's dtype), got {sinks[bad]} at head {bad}")
+    return logits
+
+
 # -- prefill: a tiled kernel over contiguous K/V ------------------------------------------------
 
 
@@ -119,20 +163,36 @@ class _KeyTile:
     queries: tuple[tuple[int, int, int, int, np.ndarray | None], ...]
 
 
+def _query_tiles(n: int, first_pos: int, chunk: int | None) -> list[tuple[int, int]]:
+    """Query tiles ``(i0, i1)`` of at most ``Q_TILE`` queries (positions ``first_pos + i``), none across a chunk boundary.
+
+    A tile inside one chunk sees keys of that chunk only, so its key range
+    is bounded by the chunk and needs no chunk mask.
+    """
+    tiles, i0 = [], 0
+    while i0 < n:
+        i1 = min(n, i0 + Q_TILE)
+        if chunk is not None:
+            i1 = min(i1, ((first_pos + i0) // chunk + 1) * chunk - first_pos)
+        tiles.append((i0, i1))
+        i0 = i1
+    return tiles
+
+
 def _schedule(n: int, seq_len: int, key_start: int, params: AttentionParams) -> list[_KeyTile]:
     """Tiles of ``n`` queries (positions ``seq_len - n ...``) over keys ``key_start ... seq_len - 1``.
 
     Key ``j`` of the tile coordinates is position ``key_start + j``. Key
-    ranges a query tile cannot see are left out; fully visible pairs carry
-    no mask.
+    ranges a query tile cannot see (before its window or chunk, after it
+    when causal, past its chunk's end) are left out; fully visible pairs
+    carry no mask.
     """
-    w, upper = params.sliding_window, params.causal or params.sliding_window is not None
+    w, c, upper = params.sliding_window, params.chunk_size, params.causal or params.sliding_window is not None
     spans = []  # per query tile: the key range it sees, in tile coordinates
-    for i0 in range(0, n, Q_TILE):
-        i1 = min(n, i0 + Q_TILE)
+    for i0, i1 in _query_tiles(n, seq_len - n, c):
         t_lo, t_hi = seq_len - n + i0, seq_len - n + i1 - 1
-        k_lo = key_start if w is None else max(key_start, t_lo - w + 1)
-        k_hi = t_hi if upper else seq_len - 1
+        k_lo = max(key_start, int(_first_visible(np.asarray(t_lo), params)))
+        k_hi = t_hi if upper else seq_len - 1 if c is None else min(seq_len - 1, (t_lo // c + 1) * c - 1)
         spans.append((i0, i1, t_lo, t_hi, k_lo - key_start, k_hi - key_start + 1))
     tiles = []
     for g0 in range(0, seq_len - key_start, K_TILE):
@@ -156,21 +216,28 @@ def _schedule(n: int, seq_len: int, key_start: int, params: AttentionParams) -> 
 
 
 def _attend_tiles(qh: np.ndarray, fetch: Callable[[int, _KeyTile], tuple[np.ndarray, np.ndarray]],
-                  tiles: list[_KeyTile], params: AttentionParams, out: np.ndarray) -> None:
+                  tiles: list[_KeyTile], params: AttentionParams, out: np.ndarray,
+                  sinks: np.ndarray | None = None) -> None:
     """Online-softmax attention of one sequence; each key tile is fetched once, for all query tiles.
 
     ``qh [kv_heads, n * group, d]``: pre-scaled queries in the compute dtype.
     ``fetch(i, tile)`` returns the keys and values of ``tiles[i]`` as ``[j1 -
     j0, kv_heads, d]`` in the compute dtype (a slice, or a gather from the pool).
     ``out [kv_heads, n, group, d]`` (any float dtype, usually a view of the
-    caller's output) receives the result. Besides one score tile, memory is
-    the running max, denominator and accumulator of the queries (q's size).
+    caller's output) receives the result. ``sinks [kv_heads, group]`` (compute
+    dtype): each query head's sink logit, a key with no value that the
+    softmax starts from. Besides one score tile, memory is the running max,
+    denominator and accumulator of the queries (q's size).
     """
     h, rows_total, d = qh.shape
     group = out.shape[2]
     cap = params.soft_cap
-    m = np.full((h, rows_total, 1), -np.inf, qh.dtype)
-    denom = np.zeros((h, rows_total, 1), qh.dtype)
+    if sinks is None:
+        m = np.full((h, rows_total, 1), -np.inf, qh.dtype)
+        denom = np.zeros((h, rows_total, 1), qh.dtype)
+    else:  # the sink as the first key seen: max = sink, denominator = exp(sink - sink), no value
+        m = np.repeat(sinks[:, None, :], rows_total // group, axis=1).reshape(h, rows_total, 1)
+        denom = np.ones((h, rows_total, 1), qh.dtype)
     acc = np.zeros((h, rows_total, d), qh.dtype)
     for i, tile in enumerate(tiles):
         keys, values = fetch(i, tile)
@@ -200,14 +267,15 @@ def _attend_tiles(qh: np.ndarray, fetch: Callable[[int, _KeyTile], tuple[np.ndar
 
 def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = True,
                       scale: float | None = None, sliding_window: int | None = None,
-                      soft_cap: float | None = None) -> np.ndarray:
+                      soft_cap: float | None = None, chunk_size: int | None = None,
+                      sinks: np.ndarray | None = None) -> np.ndarray:
     """Attention of one sequence over K/V laid out contiguously: the prefill kernel without paging.
 
     ``q [n, num_q_heads, head_dim]`` (queries at positions ``seq_len - n ...``);
-    ``k, v [seq_len, num_kv_heads, head_dim]``, any float dtype. Returns
-    ``[n, num_q_heads, head_dim]`` in ``q``'s dtype. Paged prefill runs this
-    same kernel on the gathered K/V, so benchmarking the two measures what
-    paging costs.
+    ``k, v [seq_len, num_kv_heads, head_dim]``, any float dtype; ``sinks
+    [num_q_heads]`` float, optional. Returns ``[n, num_q_heads, head_dim]``
+    in ``q``'s dtype. Paged prefill runs this same kernel on the gathered
+    K/V, so benchmarking the two measures what paging costs.
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2] \
@@ -215,16 +283,17 @@ def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bo
         raise ShapeMismatch(f"need q [n, heads, d] and k, v [seq_len >= n, kv_heads, d], got "
                             f"{q.shape}, {k.shape}, {v.shape}")
     params = AttentionParams.make(q.shape[2], causal=causal, scale=scale, sliding_window=sliding_window,
-                                  soft_cap=soft_cap)
+                                  soft_cap=soft_cap, chunk_size=chunk_size)
     cdtype = _compute_dtype(k.dtype)
     h = k.shape[1]
     group = q.shape[1] // h
+    sink = None if sinks is None else _sink_logits(sinks, q.shape[1], cdtype).reshape(h, group)
     mult = params.scale if soft_cap is None else params.scale / params.soft_cap
     out = np.empty(q.shape, q.dtype)
     view = out.reshape(q.shape[0], h, group, q.shape[2]).transpose(1, 0, 2, 3)
     k, v = k.astype(cdtype, copy=False), v.astype(cdtype, copy=False)
     _attend_tiles(_heads_first(q, h, cdtype, mult), lambda _, tile: (k[tile.j0:tile.j1], v[tile.j0:tile.j1]),
-                  _schedule(q.shape[0], k.shape[0], 0, params), params, view)
+                  _schedule(q.shape[0], k.shape[0], 0, params), params, view, sink)
     return out
 
 
@@ -283,25 +352,58 @@ class NumpyPlan:
     # -- planning ------------------------------------------------------------------------------
 
     def _plan_decode(self, seqs: np.ndarray) -> list[_DecodeGroup]:
-        """One query per sequence, at position ``seq_len - 1``: group rows, tile their visible blocks."""
+        """One query per sequence, at position ``seq_len - 1``: group rows, tile their visible blocks.
+
+        The shared tile planner knows windows only; with a chunk, each row's
+        table is first rebased at the block holding its first visible
+        position (:meth:`_rebased`), so the blocks before the chunk are not
+        in the tiles at all, and the slots of that first block before the
+        chunk's start are masked.
+        """
         c = self.storage.config
-        block_bytes = c.block_size * c.num_kv_heads * c.head_dim * self.cdtype.itemsize
-        groups = [
-            _DecodeGroup(self.index.query_start_loc[g.rows], g.width, g.hidden if g.hidden.any() else None, g.tiles)
-            for g in plan_decode_tiles(self.index, seqs, c.block_size, self.params.sliding_window, block_bytes,
-                                       TILE_BYTES, GROUP_SLOTS)
-        ]
+        bs = c.block_size
+        block_bytes = bs * c.num_kv_heads * c.head_dim * self.cdtype.itemsize
+        index, window, lead = self.index, self.params.sliding_window, None
+        if self.params.chunk_size is not None:
+            index, lead = self._rebased()
+            window = None  # folded into the rebased tables and ``lead``
+        groups = []
+        for g in plan_decode_tiles(index, seqs, bs, window, block_bytes, TILE_BYTES, GROUP_SLOTS):
+            hidden = g.hidden
+            if lead is not None:
+                hidden = hidden | (np.arange(g.width * bs)[None, :] < lead[g.rows][:, None])
+            groups.append(_DecodeGroup(self.index.query_start_loc[g.rows], g.width,
+                                       hidden if hidden.any() else None, g.tiles))
         self._gather = _Gather(self.storage, self.cdtype,
                                max((tile.ids.size for g in groups for tile in g.tiles), default=1))
         return groups
 
+    def _rebased(self) -> tuple[BatchIndex, np.ndarray]:
+        """The decode index with each row's table starting at the block of its first visible position.
+
+        Returns the rebased index (``seq_lens`` shortened by the blocks
+        dropped, so positions shift by whole blocks) and ``lead [batch]``:
+        the slots of the new first block before the first visible position.
+        Only the tables and lengths of the result are meaningful (all the
+        tile planner reads).
+        """
+        bs, tables = self.storage.config.block_size, self.index.block_tables
+        visible = _first_visible(self.index.seq_lens - 1, self.params)
+        first = visible // bs
+        cols = np.minimum(first[:, None] + np.arange(tables.shape[1])[None, :], max(tables.shape[1] - 1, 0))
+        shifted = np.take_along_axis(tables, cols, axis=1) if tables.shape[1] else tables
+        lead = visible - first * bs
+        rebased = BatchIndex(shifted, self.index.seq_lens - first * bs, self.index.query_start_loc,
+                             self.index.query_lens, self.index.is_decode)
+        return rebased, lead
+
     def _plan_prefill(self) -> list[_PrefillSeq]:
-        """Per sequence with queries: its key tiles (from the window's start) and their block ids."""
-        bs, w = self.storage.config.block_size, self.params.sliding_window
+        """Per sequence with queries: its key tiles (from its first query's window or chunk) and their block ids."""
+        bs = self.storage.config.block_size
         index, work = self.index, []
         for b in np.flatnonzero(index.query_lens > 0):
             seq_len, n = int(index.seq_lens[b]), int(index.query_lens[b])
-            first = 0 if w is None else max(0, seq_len - n - w + 1) // bs
+            first = int(_first_visible(np.asarray(seq_len - n), self.params)) // bs
             tiles = _schedule(n, seq_len, first * bs, self.params)
             blocks = tuple((np.ascontiguousarray(index.block_tables[b, first + t.j0 // bs:first - (-t.j1 // bs)]),
                             t.j0 % bs) for t in tiles)
@@ -324,10 +426,16 @@ class NumpyPlan:
             raise DTypeMismatch(f"q must be {names} for a {self.storage.config.dtype} pool, got {q.dtype}")
         return check_query(q.shape, self.index, self.storage.config)
 
-    def run(self, q: np.ndarray, layer: int) -> np.ndarray:
-        """Attention of ``q [num_queries, num_q_heads, head_dim]`` over ``layer``; same shape and dtype out."""
+    def run(self, q: np.ndarray, layer: int, *, sinks: np.ndarray | None = None) -> np.ndarray:
+        """Attention of ``q [num_queries, num_q_heads, head_dim]`` over ``layer``; same shape and dtype out.
+
+        ``sinks``: this layer's sink logits, a float ``numpy.ndarray
+        [num_q_heads]`` of any float dtype (finite), or ``None``.
+        """
         num_q_heads = self._check_q(q)
         layer = self.storage.checks.layer(layer)
+        h = self.storage.config.num_kv_heads
+        sink = None if sinks is None else _sink_logits(sinks, num_q_heads, self.cdtype).reshape(h, -1)
         out = np.empty(q.shape, q.dtype)
         k, v = self.storage.pools(layer)
         k, v = k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)
@@ -336,14 +444,13 @@ class NumpyPlan:
         p = self.params
         mult = p.scale if p.soft_cap is None else p.scale / p.soft_cap
         if self._decode:
-            self._run_decode(q, num_q_heads, mult, (k, k_scale), (v, v_scale), out)
-        h = self.storage.config.num_kv_heads
+            self._run_decode(q, num_q_heads, mult, (k, k_scale), (v, v_scale), out, sink)
         group, d = num_q_heads // h, q.shape[2]
         for seq in self._prefill:
             fetch = partial(self._fetch, seq, (k, k_scale), (v, v_scale))
             qh = _heads_first(q[seq.q_start:seq.q_end], h, self.cdtype, mult)
             view = out[seq.q_start:seq.q_end].reshape(-1, h, group, d).transpose(1, 0, 2, 3)
-            _attend_tiles(qh, fetch, seq.tiles, p, view)
+            _attend_tiles(qh, fetch, seq.tiles, p, view, sink)
         return out
 
     def _fetch(self, seq: _PrefillSeq, k: tuple, v: tuple, i: int, tile: _KeyTile) -> tuple[np.ndarray, np.ndarray]:
@@ -363,7 +470,8 @@ class NumpyPlan:
         return self._scores
 
     def _run_decode(self, q: np.ndarray, num_q_heads: int, mult: float, k: tuple, v: tuple,
-                    out: np.ndarray) -> None:
+                    out: np.ndarray, sink: np.ndarray | None) -> None:
+        """Decode groups into ``out``; ``sink [num_kv_heads, group]`` (compute dtype) or ``None``."""
         c, cap = self.storage.config, self.params.soft_cap
         h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
         group = num_q_heads // h
@@ -381,9 +489,14 @@ class NumpyPlan:
                 s *= cap
             if g.hidden is not None:
                 np.copyto(s, -np.inf, where=g.hidden[:, None, None, :])
-            s -= s.max(axis=-1, keepdims=True)
+            top = s.max(axis=-1, keepdims=True)  # [rows, h, group, 1]
+            if sink is not None:
+                np.maximum(top, sink[None, :, :, None], out=top)
+            s -= top
             np.exp(s, out=s)
             denom = s.sum(axis=-1, keepdims=True)
+            if sink is not None:  # the sink's share of the denominator; it brings no value
+                denom += np.exp(sink[None, :, :, None] - top)
             acc = np.empty((rows, h, group, d), self.cdtype)
             part = np.empty_like(acc)
             for tile in g.tiles:
@@ -399,6 +512,9 @@ class NumpyPlan:
 
 class NumpyAttention(AttentionBase):
     """Paged decode and prefill over a :class:`NumpyStorage` (float64/32/16 and int8 pools).
+
+    Every feature of the contract: sliding window, soft-cap, chunked-local
+    attention (``chunk_size``) and attention sinks (``run(q, layer, sinks=)``).
 
     ``plan(storage, block_tables, seq_lens, query_start_loc=None, **params)``
     (inherited) validates the raw arrays once — integer NumPy arrays or

@@ -30,7 +30,9 @@ class NumpyBackend:
         return Probe.missing(f"the numpy backend runs only on 'cpu', not {device!r}")
 
     def capabilities(self, device: str) -> Capabilities:
-        return Capabilities(dtypes=("float64", "float32", "float16"), quantized=("int8",), max_head_dim=1024)
+        return Capabilities(dtypes=("float64", "float32", "float16"), quantized=("int8",), max_head_dim=1024,
+                            kernels=("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local",
+                                     "sinks"))
 
     def create_storage(self, config: CacheConfig, device: str = "cpu") -> NumpyStorage:
         return NumpyStorage(config, device)

@@ -562,3 +562,223 @@ def test_check_batch_copies_what_the_caller_could_change(small: Batch) -> None:
     assert not np.shares_memory(index.block_tables, tables)
     tables[:] = 10**6
     assert check_index_bounds(index, small.storage.config) is index
+
+
+# -- chunked-local attention and attention sinks (issue #17) -------------------------------------------------
+
+FEATURES = {
+    "chunk1": dict(chunk_size=1),
+    "chunk3-lt-block": dict(chunk_size=3),
+    "chunk8-eq-block": dict(chunk_size=8),
+    "chunk13-not-dividing": dict(chunk_size=13),
+    "chunk5-window4": dict(chunk_size=5, sliding_window=4),
+    "chunk13-window20-softcap": dict(chunk_size=13, sliding_window=20, soft_cap=2.0),
+    "sinks": dict(sinks="moderate"),
+    "sinks-softcap": dict(sinks="moderate", soft_cap=1.5),
+    "sinks-large": dict(sinks="large"),
+    "sinks-chunk6-window9": dict(sinks="moderate", chunk_size=6, sliding_window=9),
+}
+
+
+def sink_logits(kind: str, heads: int, rng: np.random.Generator) -> np.ndarray:
+    """``moderate``: about the size of the scores; ``large``: +-60 by head (the sink takes all or nothing)."""
+    if kind == "moderate":
+        return rng.uniform(-3, 3, heads).astype(np.float32)
+    return (np.where(np.arange(heads) % 2, -1.0, 1.0) * rng.uniform(50, 70, heads)).astype(np.float32)
+
+
+def check_features(batch: Batch, dtype: str, rng: np.random.Generator, sinks: str | None = None,
+                   layer: int = 0, **kwargs) -> np.ndarray:
+    """Plan with ``kwargs``, run with sinks of the given kind, and compare with the oracle."""
+    logits = None if sinks is None else sink_logits(sinks, batch.q.shape[1], rng)
+    plan = NumpyAttention().plan(batch.storage, batch.tables, batch.seq_lens, batch.qsl, **kwargs)
+    out = plan.run(batch.q, layer, sinks=logits)
+    assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out.astype(np.float64), oracle(batch, layer, sinks=logits, **kwargs), atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_chunk_and_sinks_match_oracle(rng, name: str, mode: str) -> None:
+    check_features(make_batch(rng, "float32", MODES[mode]), "float32", rng, **FEATURES[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_chunk_and_sinks_on_every_dtype(rng, dtype: str, mode: str) -> None:
+    batch = make_batch(rng, dtype, MODES[mode])
+    check_features(batch, dtype, rng, sinks="moderate", chunk_size=7, sliding_window=10, soft_cap=3.0)
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["no-window", "window3"])
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_non_causal_prefill_with_chunks_and_sinks(rng, chunk: int, window: int | None) -> None:
+    """Non-causal, a query sees its whole chunk (later keys too), unless a window also applies."""
+    batch = make_batch(rng, "float64", MODES["prefill"])
+    check_features(batch, "float64", rng, sinks="moderate", causal=False, chunk_size=chunk, sliding_window=window)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("chunk", [3, 16, 29])
+def test_chunks_and_sinks_over_many_tiles_and_groups(rng, monkeypatch, mode: str, chunk: int) -> None:
+    """Tiny tiles: query tiles cut at chunk boundaries, key tiles, decode row groups over rebased tables."""
+    monkeypatch.setattr(attention_module, "TILE_BYTES", 2 * 8 * 2 * 32 * 4)
+    monkeypatch.setattr(attention_module, "GROUP_SLOTS", 64)
+    monkeypatch.setattr(attention_module, "Q_TILE", 5)
+    monkeypatch.setattr(attention_module, "K_TILE", 12)
+    lens = (70, 3, 41, 8, 9, 55, 1, 24)
+    qlens = None if mode == "decode" else (30, 3, 1, 8, 0, 21, 1, 13)
+    batch = make_batch(rng, "float32", Shape(8, 32, 2, 4, lens, qlens))
+    check_features(batch, "float32", rng, sinks="moderate", chunk_size=chunk, sliding_window=19, soft_cap=3.0)
+
+
+@pytest.mark.parametrize("causal, window, chunk", [(True, None, 5), (True, 20, 16), (True, 3, 7), (False, None, 9),
+                                                   (False, 7, 9), (True, None, 64)],
+                         ids=["causal-chunk5", "window20-chunk16", "window3-chunk7", "non-causal-chunk9",
+                              "non-causal-window7-chunk9", "chunk-past-all"])
+def test_prefill_schedule_with_chunks_sees_exactly_each_chunk(monkeypatch, causal: bool, window, chunk: int) -> None:
+    """Rebuild visibility from the tile schedule: every visible pair once, nothing across a chunk boundary."""
+    monkeypatch.setattr(attention_module, "Q_TILE", 16)
+    monkeypatch.setattr(attention_module, "K_TILE", 16)
+    n, seq_len = 70, 100
+    params = AttentionParams.make(64, causal=causal, sliding_window=window, chunk_size=chunk)
+    key_start = int(attention_module._first_visible(np.int64(seq_len - n), params)) // 8 * 8
+    seen = np.zeros((n, seq_len - key_start), bool)
+    for tile in attention_module._schedule(n, seq_len, key_start, params):
+        for i0, i1, a, b, hidden in tile.queries:
+            t0 = seq_len - n + i0
+            assert t0 // chunk == (seq_len - n + i1 - 1) // chunk  # a query tile lies in one chunk
+            visible = np.ones((i1 - i0, b - a), bool) if hidden is None else ~hidden
+            assert visible.any() and not seen[i0:i1, a:b].any()
+            seen[i0:i1, a:b] = visible
+    t = np.arange(seq_len - n, seq_len)[:, None]
+    p = np.arange(key_start, seq_len)[None, :]
+    expected = (p <= t) if causal or window else np.ones_like(seen)
+    if window is not None:
+        expected = expected & (p > t - window)
+    np.testing.assert_array_equal(seen, expected & (p // chunk == t // chunk))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("chunk, window", [(5, None), (16, None), (13, 4)], ids=["chunk5", "chunk16", "chunk13-w4"])
+def test_blocks_before_the_chunk_are_never_read(rng, mode: str, chunk: int, window) -> None:
+    """NaN in every block wholly before a query's chunk: a kernel that read and masked them would return NaN.
+
+    (A masked score becomes -inf, but its value still enters the weighted
+    sum as 0 * NaN.) Decode skips each row's blocks before its chunk;
+    prefill skips those before its first query's chunk. Block 0 stays
+    clean: decode tiles pad short rows with it (read, then masked).
+    """
+    qlens = None if mode == "decode" else (1, 2, 9, 12, 20, 5)
+    shape = Shape(8, 64, 2, 4, (1, 8, 9, 30, 44, 57), qlens)
+    batch = make_batch(rng, "float32", shape)
+    bs, params = 8, AttentionParams.make(64, sliding_window=window, chunk_size=chunk)
+    qlens = np.ones(len(shape.lens), np.int64) if shape.qlens is None else np.asarray(shape.qlens)
+    poisoned = 0
+    for row, (n, count) in enumerate(zip(shape.lens, qlens)):
+        if count == 0:
+            continue
+        first_block = int(attention_module._first_visible(np.int64(n - count), params)) // bs
+        for block in batch.tables[row, :first_block]:
+            if block == 0:
+                continue
+            slots = np.arange(int(block) * bs, int(block) * bs + bs)
+            nan = np.full((bs, 2, 64), np.nan, np.float32)
+            batch.storage.write(0, slots, nan, nan)
+            poisoned += 1
+    assert poisoned >= 3
+    out = check_features(batch, "float32", rng, sinks="moderate", chunk_size=chunk, sliding_window=window)
+    assert np.isfinite(out).all()
+
+
+def test_decode_tiles_hold_only_the_chunks_blocks(rng) -> None:
+    """The planned decode tiles list, per row, exactly the blocks from the one holding its chunk's start."""
+    batch = make_batch(rng, "float32", Shape(4, 64, 2, 4, (3, 12, 26, 41)))
+    plan = NumpyAttention().plan(batch.storage, batch.tables, batch.seq_lens, chunk_size=10)
+    read: dict[int, list[int]] = {}
+    for group in plan._decode:
+        assert group.width <= 4  # a chunk of 10 spans at most 4 blocks of 4
+        for tile in group.tiles:
+            for r, ids in zip(range(tile.r0, tile.r1), tile.ids):
+                read.setdefault(int(group.rows[r]), []).extend(int(i) for i in ids)
+    for row, n in enumerate(batch.seq_lens):
+        t = int(n) - 1
+        first, last = t // 10 * 10 // 4, t // 4
+        want = [int(b) for b in batch.tables[row, first:last + 1]]
+        # block 0 also pads a row shorter than the tile's columns (read, then masked)
+        assert sorted(i for i in read[row] if i) == sorted(i for i in want if i), row
+
+
+@pytest.mark.parametrize("sink_dtype", ["float16", "float32", "float64"])
+def test_sinks_of_any_float_dtype(rng, sink_dtype: str) -> None:
+    batch = make_batch(rng, "float32", MODES["decode"])
+    logits = sink_logits("moderate", batch.q.shape[1], rng).astype(sink_dtype)
+    out = NumpyAttention().decode(batch.q, batch.storage, 0, batch.tables, batch.seq_lens, sinks=logits)
+    np.testing.assert_allclose(out, oracle(batch, sinks=logits.astype(np.float64)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_call_forms_take_chunk_size_and_sinks(rng) -> None:
+    attention = NumpyAttention()
+    pre = make_batch(rng, "float64", MODES["prefill"])
+    logits = sink_logits("moderate", pre.q.shape[1], rng)
+    np.testing.assert_array_equal(
+        attention.prefill(pre.q, pre.storage, 0, pre.tables, pre.seq_lens, pre.qsl, chunk_size=6, sinks=logits),
+        attention.plan(pre.storage, pre.tables, pre.seq_lens, pre.qsl, chunk_size=6).run(pre.q, 0, sinks=logits))
+
+
+def test_sinks_are_per_layer_on_one_plan(rng) -> None:
+    batch = make_batch(rng, "float32", MODES["prefill"], num_layers=2)
+    plan = NumpyAttention().plan(batch.storage, batch.tables, batch.seq_lens, batch.qsl, chunk_size=9)
+    for layer in range(2):
+        logits = sink_logits("moderate", batch.q.shape[1], rng)
+        np.testing.assert_allclose(plan.run(batch.q, layer, sinks=logits),
+                                   oracle(batch, layer, chunk_size=9, sinks=logits), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunk_size": 5, "sliding_window": 9, "soft_cap": 2.5},
+                                    {"causal": False, "chunk_size": 8}],
+                         ids=["sinks", "chunk5-window9-softcap", "non-causal-chunk8"])
+def test_attend_contiguous_with_chunks_and_sinks(rng, kwargs: dict) -> None:
+    seq_len, n, heads, kv_heads, d = 37, 23, 8, 2, 64
+    k, v = (rng.standard_normal((seq_len, kv_heads, d)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    logits = sink_logits("moderate", heads, rng)
+    out = attend_contiguous(q, k, v, sinks=logits, **kwargs)
+    ref = reference_attention(q, k[:, None], v[:, None], np.arange(seq_len)[None], [seq_len], [0, n], sinks=logits,
+                              **kwargs)
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sinks, error", [
+    (np.zeros(7, np.float32), ShapeMismatch),
+    (np.zeros(2, np.float32), ShapeMismatch),  # one per KV head is not enough
+    (np.zeros((1, 8), np.float32), ShapeMismatch),
+    (np.full((), 1.0, np.float32), ShapeMismatch),
+    (np.array([0, 1, 2, np.nan, 0, 0, 0, 0], np.float32), InvalidArgument),
+    (np.array([0, 1, 2, 0, 0, 0, 0, np.inf], np.float32), InvalidArgument),
+    (np.array([-np.inf, 1, 2, 0, 0, 0, 0, 0], np.float64), InvalidArgument),
+    (np.array([1e300, 1, 2, 0, 0, 0, 0, 0], np.float64), InvalidArgument),  # past float32, the pool's compute dtype
+    (np.zeros(8, np.int32), DTypeMismatch),
+    ([0.0] * 8, DeviceMismatch),
+], ids=["too-many", "per-kv-head", "2d", "scalar", "nan", "inf", "minus-inf", "float64-overflow", "ints", "list"])
+def test_bad_sinks_are_refused(small: Batch, sinks, error) -> None:
+    plan = NumpyAttention().plan(small.storage, small.tables, small.seq_lens, small.qsl)
+    with pytest.raises(error):
+        plan.run(small.q, 0, sinks=sinks)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, True, 2.5, "4"], ids=["zero", "negative", "bool", "float", "str"])
+def test_bad_chunk_sizes_are_refused(small: Batch, chunk) -> None:
+    with pytest.raises(InvalidArgument, match="chunk_size"):
+        NumpyAttention().plan(small.storage, small.tables, small.seq_lens, small.qsl, chunk_size=chunk)
+    with pytest.raises(InvalidArgument, match="chunk_size"):
+        AttentionParams(0.1, chunk_size=chunk)
+
+
+def test_numpy_capabilities_list_both_features() -> None:
+    from pagedkv_numpy.backend import NumpyBackend
+
+    kernels = NumpyBackend().capabilities("cpu").kernels
+    assert "chunked_local" in kernels and "sinks" in kernels
