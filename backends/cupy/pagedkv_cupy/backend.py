@@ -16,7 +16,10 @@ from .kernels import MAX_HEAD_DIM
 from .runtime import KDL_CUDA, CudaRuntime, CudaStatus, bfloat16_support, cuda_status, import_cupy, parse_device
 from .storage import CupyStorage
 
-__all__ = ["CupyBackend"]
+__all__ = ["CupyBackend", "ATTENTION_FEATURES"]
+
+ATTENTION_FEATURES = ("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks")
+"""``Capabilities.kernels``: both kernels of kernels.cu have every attention feature."""
 
 
 class CupyBackend:
@@ -61,7 +64,7 @@ class CupyBackend:
     def capabilities(self, device: str) -> Capabilities:
         bf16, _ = bfloat16_support()
         dtypes = ("float16", "float32") + (("bfloat16",) if bf16 is not None else ())
-        return Capabilities(dtypes=dtypes, quantized=("int8",), max_head_dim=MAX_HEAD_DIM)
+        return Capabilities(dtypes=dtypes, quantized=("int8",), max_head_dim=MAX_HEAD_DIM, kernels=ATTENTION_FEATURES)
 
     def create_storage(self, config: CacheConfig, device: str = "cuda:0") -> CupyStorage:
         return CupyStorage(config, device, runtime=self._require(device))

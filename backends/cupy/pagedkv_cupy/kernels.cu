@@ -15,8 +15,11 @@
 //
 // Attention conventions: scores = scale * q.k (int8 keys times their scale),
 // soft_cap c > 0: c * tanh(score / c) before masking; window w > 0: a query at
-// position t sees keys p with t - w < p <= t; GQA: query head h reads KV head
-// h / (num_q_heads / num_kv_heads); softmax in float32.
+// position t sees keys p with t - w < p <= t; chunk c > 0 (chunked-local
+// attention): only keys of its own chunk, p / c == t / c; GQA: query head h
+// reads KV head h / (num_q_heads / num_kv_heads); softmax in float32. Sinks
+// (has_sinks != 0): sinks[h] is head h's learned logit, a key with no value:
+// it joins the softmax's denominator as exp(sinks[h]) once per query.
 
 struct pkv_f16 { unsigned short bits; };   // IEEE binary16 payload
 struct pkv_bf16 { unsigned short bits; };  // bfloat16 payload
@@ -189,9 +192,11 @@ struct RowLayout {
 // Visible range of a decode query (position seq_len - 1) and its splits
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ void decode_range(int seq_len, int window, int& lo, int& hi) {
+// [lo, hi): the window's start or the chunk's, whichever is later, to the query itself.
+__device__ __forceinline__ void decode_range(int seq_len, int window, int chunk, int& lo, int& hi) {
     hi = seq_len;
     lo = window > 0 ? imax(0, seq_len - window) : 0;
+    if (chunk > 0 && seq_len > 0) lo = imax(lo, (seq_len - 1) / chunk * chunk);
     if (lo > hi) lo = hi;
 }
 
@@ -313,8 +318,9 @@ __global__ void __launch_bounds__(128) pagedkv_write_int8(
 // grouped TPR to a row; each group walks U tokens at a time with its own
 // online-softmax state (max m, sum l, output acc), merged across the warp by
 // shuffles and across warps in shared memory. A sequence whose visible range
-// fits one split writes its output directly; otherwise each split writes its
-// normalised partial output and (m, l), merged by pagedkv_decode_reduce.
+// fits one split writes its output directly (a sink joins its denominator
+// there); otherwise each split writes its normalised partial output and
+// (m, l), merged by pagedkv_decode_reduce (where the sink joins, once).
 // grid (batch * max_splits, num_kv_heads * ceil(group / GT)), block (128).
 template <typename QT, typename KVT, int HEAD_DIM, int GT>
 __global__ void __launch_bounds__(128) pagedkv_decode(
@@ -323,7 +329,8 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
     const float* __restrict__ k_scale, const float* __restrict__ v_scale,
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
     int max_blocks, int num_blocks, int block_size, int num_kv_heads, int num_q_heads,
-    int split_len, int max_splits, float scale, int window, float soft_cap)
+    int split_len, int max_splits, float scale, int window, float soft_cap, int chunk,
+    const float* __restrict__ sinks, int has_sinks)
 {
     using L = pkv::RowLayout<KVT, HEAD_DIM>;
     constexpr int U = GT >= 8 ? 2 : 4;  // tokens in flight per lane group; fewer when 8 heads need registers
@@ -333,6 +340,7 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
     __shared__ float sm_acc[GT][HEAD_DIM];
     __shared__ float sm_total[GT];
     __shared__ float sm_max[GT];
+    __shared__ float sm_denom[GT];  // sm_total, plus the sink's exp(sink - max) on the direct path
 
     const int b = blockIdx.x / max_splits;
     const int split = blockIdx.x - b * max_splits;
@@ -342,9 +350,10 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
     const int g0 = (blockIdx.y % chunks) * GT;
     const int seq_len = seq_lens[b];
     int lo, hi;
-    pkv::decode_range(seq_len, window, lo, hi);
+    pkv::decode_range(seq_len, window, chunk, lo, hi);
     const int n_splits = pkv::num_splits_for(hi - lo, split_len);
     if (split >= pkv::imax(n_splits, 1)) return;  // uniform over the block
+    const bool direct = n_splits <= 1;
     const int start = lo + split * split_len;
     const int end = pkv::imin(hi, start + split_len);
 
@@ -531,6 +540,9 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
             for (int w = 0; w < pkv::NUM_WARPS; ++w) total += any ? sm_l[w][g] * expf(sm_m[w][g] - top) : 0.0f;
             sm_total[g] = total;
             sm_max[g] = top;
+            // a sink adds exp(sink - top) to the denominator (inf when it dwarfs every score: the output is then 0)
+            const bool sink = direct && has_sinks != 0 && any && g0 + g < group;
+            sm_denom[g] = sink ? total + expf(sinks[kvh * group + g0 + g] - top) : total;
         }
     }
     for (int w = 0; w < pkv::NUM_WARPS; ++w) {
@@ -553,17 +565,17 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
         __syncthreads();
     }
 
-    const bool direct = n_splits <= 1;
     for (int i = tid; i < GT * HEAD_DIM; i += pkv::NUM_THREADS) {
         const int g = i / HEAD_DIM;
         const int d = i - g * HEAD_DIM;
         if (g0 + g >= group) continue;
         const long long qrow = (long long)b * num_q_heads + kvh * group + g0 + g;
         const float total = sm_total[g];
-        const float o = total > 0.0f ? sm_acc[g][d] / total : 0.0f;
         if (direct) {
-            out[qrow * HEAD_DIM + d] = pkv::Convert<QT>::from(o);
+            const float denom = sm_denom[g];
+            out[qrow * HEAD_DIM + d] = pkv::Convert<QT>::from(denom > 0.0f ? sm_acc[g][d] / denom : 0.0f);
         } else {
+            const float o = total > 0.0f ? sm_acc[g][d] / total : 0.0f;
             const long long pidx = qrow * max_splits + split;
             part_o[pidx * HEAD_DIM + d] = o;
             if (d == 0) {
@@ -575,25 +587,28 @@ __global__ void __launch_bounds__(128) pagedkv_decode(
 }
 
 // Merge the splits of each (sequence, query head) whose context needed more
-// than one: out = sum_s w_s o_s / sum_s w_s with w_s = l_s exp(m_s - max m).
+// than one: out = sum_s w_s o_s / (sum_s w_s + exp(sink - M)) with w_s =
+// l_s exp(m_s - M), M the largest m_s (and the sink, if any): the sink joins
+// here, once, never per split.
 // grid (batch, num_q_heads), block (128).
 template <typename QT, int HEAD_DIM>
 __global__ void __launch_bounds__(128) pagedkv_decode_reduce(
     QT* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_ml,
-    const int* __restrict__ seq_lens, int num_q_heads, int split_len, int max_splits, int window)
+    const int* __restrict__ seq_lens, int num_q_heads, int split_len, int max_splits, int window, int chunk,
+    const float* __restrict__ sinks, int has_sinks)
 {
     const int b = blockIdx.x;
     const int qh = blockIdx.y;
     int lo, hi;
-    pkv::decode_range(seq_lens[b], window, lo, hi);
+    pkv::decode_range(seq_lens[b], window, chunk, lo, hi);
     const int n = pkv::imin(pkv::num_splits_for(hi - lo, split_len), max_splits);
     if (n <= 1) return;  // written directly by pagedkv_decode
     const long long qrow = (long long)b * num_q_heads + qh;
     const long long base = qrow * max_splits;
-    float top = pkv::neg_inf();
+    float top = has_sinks != 0 ? sinks[qh] : pkv::neg_inf();
     for (int s = 0; s < n; ++s)
         if (part_ml[(base + s) * 2 + 1] > 0.0f) top = fmaxf(top, part_ml[(base + s) * 2]);
-    float total = 0.0f;
+    float total = has_sinks != 0 ? expf(sinks[qh] - top) : 0.0f;
     for (int s = 0; s < n; ++s) {
         const float l = part_ml[(base + s) * 2 + 1];
         if (l > 0.0f) total += l * expf(part_ml[(base + s) * 2] - top);
@@ -617,7 +632,10 @@ __global__ void __launch_bounds__(128) pagedkv_decode_reduce(
 // of heads_per_block query heads); its 32 rows are (token, head) pairs, four
 // lanes to a row, each lane owning head dims sub, sub + 4, ... . K/V tiles of
 // BK keys are staged in shared memory as float32 (int8 already scaled) and
-// shared by every row; each row keeps its own online softmax.
+// shared by every row; each row keeps its own online softmax, started from
+// its head's sink (max = sink, sum = 1) when there are sinks. The tile reads
+// keys from its first row's window/chunk start to its last row's end; each
+// row masks the rest to its own range (a tile may straddle a chunk boundary).
 // tile_seq / tile_q0 [num_tiles] give each tile's sequence and first query.
 // grid (num_tiles, num_kv_heads * ceil(group / heads_per_block)), block (128).
 template <typename QT, typename KVT, int HEAD_DIM>
@@ -628,7 +646,8 @@ __global__ void __launch_bounds__(128) pagedkv_prefill(
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
     const int* __restrict__ query_start_loc, const int* __restrict__ tile_seq, const int* __restrict__ tile_q0,
     int max_blocks, int num_blocks, int block_size, int num_kv_heads, int num_q_heads,
-    int heads_per_block, int tokens_per_tile, float scale, int causal, int window, float soft_cap)
+    int heads_per_block, int tokens_per_tile, float scale, int causal, int window, float soft_cap, int chunk,
+    const float* __restrict__ sinks, int has_sinks)
 {
     constexpr int LANES = 4;
     constexpr int DPT = (HEAD_DIM + LANES - 1) / LANES;
@@ -659,14 +678,22 @@ __global__ void __launch_bounds__(128) pagedkv_prefill(
     const int qi = q0 + tok;
     const bool active = tok < tokens_per_tile && qi < n_q && g0 + g < group;
     const int t = seq_len - n_q + qi;  // this row's position
-    const int row_lo = window > 0 ? pkv::imax(0, t - window + 1) : 0;
-    const int row_hi = bounded ? t + 1 : seq_len;
+    int row_lo = window > 0 ? pkv::imax(0, t - window + 1) : 0;
+    int row_hi = bounded ? t + 1 : seq_len;
+    if (chunk > 0 && t >= 0) {
+        row_lo = pkv::imax(row_lo, t / chunk * chunk);
+        row_hi = pkv::imin(row_hi, (t / chunk + 1) * chunk);
+    }
 
     const int q_last = pkv::imin(q0 + tokens_per_tile, n_q) - 1;
     const int t_first = seq_len - n_q + q0;
     const int t_last = seq_len - n_q + q_last;
-    const int blk_lo = window > 0 ? pkv::imax(0, t_first - window + 1) : 0;
-    const int blk_hi = bounded ? pkv::imin(t_last + 1, seq_len) : seq_len;
+    int blk_lo = window > 0 ? pkv::imax(0, t_first - window + 1) : 0;
+    int blk_hi = bounded ? pkv::imin(t_last + 1, seq_len) : seq_len;
+    if (chunk > 0 && t_first >= 0) {
+        blk_lo = pkv::imax(blk_lo, t_first / chunk * chunk);
+        blk_hi = pkv::imin(blk_hi, (t_last / chunk + 1) * chunk);
+    }
 
     const long long qrow = (long long)(qstart + qi) * num_q_heads + kvh * group + g0 + g;
     float qv[DPT], acc[DPT];
@@ -676,8 +703,9 @@ __global__ void __launch_bounds__(128) pagedkv_prefill(
         qv[i] = (active && d < HEAD_DIM) ? pkv::to_float(q[qrow * HEAD_DIM + d]) * scale : 0.0f;
         acc[i] = 0.0f;
     }
-    float m = pkv::neg_inf();
-    float l = 0.0f;
+    const bool sink = active && has_sinks != 0;
+    float m = sink ? sinks[kvh * group + g0 + g] : pkv::neg_inf();
+    float l = sink ? 1.0f : 0.0f;
 
     const long long row_stride = (long long)num_kv_heads * HEAD_DIM;
     const int* table = block_tables + (long long)b * max_blocks;

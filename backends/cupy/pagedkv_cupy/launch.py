@@ -60,20 +60,29 @@ class PrefillGeometry:
     grid: tuple[int, int]
 
 
-def decode_visible(seq_lens: np.ndarray, window: int) -> np.ndarray:
-    """Keys the decode query (position ``seq_len - 1``) sees: ``min(seq_len, window)`` or ``seq_len``."""
+def decode_visible(seq_lens: np.ndarray, window: int, chunk: int = 0) -> np.ndarray:
+    """Keys the decode query (position ``t = seq_len - 1``) sees: from its window's or chunk's start to ``t``.
+
+    ``min(seq_len, window)`` with a window, ``t % chunk + 1`` with a chunk,
+    the smaller with both; ``seq_len`` with neither (0 means none). The
+    device's ``decode_range`` computes the same range, so both agree on
+    each sequence's split count.
+    """
     lens = np.asarray(seq_lens, dtype=np.int64)
-    return np.minimum(lens, window) if window > 0 else lens
+    visible = np.minimum(lens, window) if window > 0 else lens
+    if chunk > 0:
+        visible = np.minimum(visible, (lens - 1) % chunk + 1)
+    return visible
 
 
 def decode_geometry(seq_lens: np.ndarray, window: int, num_kv_heads: int, num_q_heads: int,
-                    num_sms: int) -> DecodeGeometry:
-    """Split lengths and grids for one decode batch (``window`` 0 means none)."""
+                    num_sms: int, chunk: int = 0) -> DecodeGeometry:
+    """Split lengths and grids for one decode batch (``window``, ``chunk`` 0 mean none)."""
     batch = int(np.asarray(seq_lens).shape[0])
     group = num_q_heads // num_kv_heads
     tile = group_tile(group)
     chunks = -(-group // tile)
-    longest = int(decode_visible(seq_lens, window).max()) if batch else 0
+    longest = int(decode_visible(seq_lens, window, chunk).max()) if batch else 0
     base_blocks = max(1, batch * num_kv_heads * chunks)
     wanted = max(1, -(-TARGET_BLOCKS_PER_SM * num_sms // base_blocks))
     split_len = max(MIN_SPLIT_LEN, -(-longest // wanted))

@@ -15,6 +15,7 @@ from cupy_emulator import EmuKernels, EmuRuntime
 from pagedkv_core.config import CacheConfig
 from pagedkv_core.contract.backend import Capabilities, Probe
 from pagedkv_cupy.attention import CupyAttention
+from pagedkv_cupy.backend import ATTENTION_FEATURES
 from pagedkv_cupy.convert import bf16_bits_to_float32, float32_to_bf16_bits
 from pagedkv_cupy.kernels import MAX_HEAD_DIM
 from pagedkv_cupy.storage import CupyStorage
@@ -37,7 +38,8 @@ class EmuBackend:
         return Probe.ok() if device in (None, "cuda:0") else Probe.missing(f"the emulator has no {device}")
 
     def capabilities(self, device: str) -> Capabilities:
-        return Capabilities(dtypes=("float16", "bfloat16", "float32"), quantized=("int8",), max_head_dim=MAX_HEAD_DIM)
+        return Capabilities(dtypes=("float16", "bfloat16", "float32"), quantized=("int8",), max_head_dim=MAX_HEAD_DIM,
+                            kernels=ATTENTION_FEATURES)
 
     def create_storage(self, config: CacheConfig, device: str = "cuda:0") -> CupyStorage:
         return CupyStorage(config, device, runtime=self.runtime)

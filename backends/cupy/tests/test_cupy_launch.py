@@ -54,3 +54,15 @@ def test_prefill_tiles_cover_every_query_once(group):
     assert sorted(covered) == expected and len(covered) == len(set(covered))
     assert geo.grid == (geo.tile_seq.size, 2 * geo.chunks)
     assert geo.tile_seq.dtype == geo.tile_q0.dtype == np.int32
+
+
+@pytest.mark.parametrize("window", [0, 1, 7, 100])
+@pytest.mark.parametrize("chunk", [0, 1, 5, 16, 64])
+def test_decode_visible_counts_the_window_and_chunk(window, chunk):
+    """What ``decode_range`` in kernels.cu reads: positions p <= t of the query's window and chunk."""
+    lens = np.array([1, 2, 5, 16, 17, 63, 64, 65, 200])
+    want = [sum(1 for p in range(n) if (not window or p > n - 1 - window) and (not chunk or p // chunk == (n - 1) // chunk))
+            for n in lens]
+    np.testing.assert_array_equal(decode_visible(lens, window, chunk), want)
+    geo = decode_geometry(lens, window, num_kv_heads=2, num_q_heads=4, num_sms=8, chunk=chunk)
+    assert max(want) <= geo.max_splits * geo.split_len

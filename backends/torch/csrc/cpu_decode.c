@@ -47,11 +47,12 @@ typedef struct {
     const float *v_scale;
     const int64_t *block_tables; /* [batch, table_stride], ids in [0, num_blocks) where seq_len reaches */
     const int64_t *seq_lens;  /* [batch], each in [1, table_stride * block_size] */
+    const float *sinks;       /* [num_kv_heads * group] finite sink logits, or NULL: none */
     int64_t num_blocks;       /* of the pools: checked against every block id before it is read */
-    int64_t table_stride, num_kv_heads, group, head_dim, block_size, window, elem_size;
+    int64_t table_stride, num_kv_heads, group, head_dim, block_size, window, chunk, elem_size;
     int64_t heads_per_item;    /* KV heads walked together by one item */
     int dtype;
-    float scale, soft_cap;    /* soft_cap <= 0: none; window <= 0: none */
+    float scale, soft_cap;    /* soft_cap <= 0: none; window <= 0: none; chunk <= 0: none */
 } DecodeArgs;
 
 static float half_to_float(uint16_t h) {
@@ -192,19 +193,23 @@ static DecodeFn variant(const char *requested) {
     return decode_items_generic;
 }
 
-static PyObject *py_decode(PyObject *self, PyObject *args) {
+static PyObject *py_decode(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    unsigned long long q, out, k, v, k_scale, v_scale, tables, lens;
-    long long batch, stride, num_blocks, kvh, group, hd, bs, window, elem, per, begin, end;
+    /* 23 positional-only arguments, `variant`, then the keyword-only chunked-local and sink arguments */
+    static char *keywords[] = {"", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
+                               "", "", "variant", "chunk", "sinks", NULL};
+    unsigned long long q, out, k, v, k_scale, v_scale, tables, lens, sinks = 0;
+    long long batch, stride, num_blocks, kvh, group, hd, bs, window, elem, per, begin, end, chunk = 0;
     int dtype;
     float scale, cap;
     const char *requested = NULL;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKLLLLLLLLLLiffLL|z", &q, &out, &k, &v, &k_scale, &v_scale, &tables, &lens,
-                          &batch, &stride, &num_blocks, &kvh, &group, &hd, &bs, &window, &elem, &per, &dtype, &scale,
-                          &cap, &begin, &end, &requested))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKKKKKKLLLLLLLLLLiffLL|z$LK", keywords, &q, &out, &k, &v,
+                                     &k_scale, &v_scale, &tables, &lens, &batch, &stride, &num_blocks, &kvh, &group,
+                                     &hd, &bs, &window, &elem, &per, &dtype, &scale, &cap, &begin, &end, &requested,
+                                     &chunk, &sinks))
         return NULL;
     if (dtype < DT_F32 || dtype > DT_I8 || batch < 0 || stride < 0 || num_blocks < 0 || kvh < 1 || group < 1 ||
-        hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin) {
+        hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin || chunk < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid decode arguments");
         return NULL;
     }
@@ -223,9 +228,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .k = (const char *)(uintptr_t)k, .v = (const char *)(uintptr_t)v,
         .k_scale = (const float *)(uintptr_t)k_scale, .v_scale = (const float *)(uintptr_t)v_scale,
         .block_tables = (const int64_t *)(uintptr_t)tables, .seq_lens = (const int64_t *)(uintptr_t)lens,
-        .num_blocks = num_blocks, .table_stride = stride, .num_kv_heads = kvh, .group = group, .head_dim = hd,
-        .block_size = bs, .window = window, .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale,
-        .soft_cap = cap,
+        .sinks = (const float *)(uintptr_t)sinks, .num_blocks = num_blocks, .table_stride = stride,
+        .num_kv_heads = kvh, .group = group, .head_dim = hd, .block_size = bs, .window = window, .chunk = chunk,
+        .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale, .soft_cap = cap,
     };
     int64_t dim = (hd + 15) / 16 * 16;
     size_t floats = (size_t)(2 * per * group * dim + group * CHUNK + 2 * CHUNK * dim + 2 * per * group);
@@ -243,11 +248,13 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode", py_decode, METH_VARARGS,
+    {"decode", (PyCFunction)(void (*)(void))py_decode, METH_VARARGS | METH_KEYWORDS,
      "decode(q, out, k, v, k_scale, v_scale, block_tables, seq_lens, batch, table_stride, num_blocks, num_kv_heads, "
      "group, head_dim, block_size, window, elem_size, heads_per_item, dtype, scale, soft_cap, begin, end, "
-     "variant=None): items begin..end (sequence * slices + slice of heads_per_item KV heads) of a paged decode; "
-     "addresses of contiguous CPU buffers (block_tables and seq_lens int64). Returns None, or, reading nothing, "
+     "variant=None, *, chunk=0, sinks=0): items begin..end (sequence * slices + slice of heads_per_item KV heads) "
+     "of a paged decode; addresses of contiguous CPU buffers (block_tables and seq_lens int64; sinks, when not 0, "
+     "float32 [num_kv_heads * group], finite). chunk > 0: chunked-local attention (the query sees its own chunk "
+     "of chunk tokens only). Returns None, or, reading nothing, "
      "(kind, row, col, value) when a sequence's length or a block id it reaches is out of range (kind: "
      "BOUNDS_BAD_BLOCK, BOUNDS_PAST_TABLE or BOUNDS_EMPTY)."},
     {NULL, NULL, 0, NULL},

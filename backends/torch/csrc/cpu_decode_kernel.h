@@ -13,6 +13,12 @@
  * does): every K and V row is read from the pool once, widened to float32 in
  * registers (or, for head dims that are not a multiple of LANES, in an
  * L1-sized scratch), and used by all query heads of its group.
+ *
+ * The visible range [first, last] is fixed once per item: first is the later
+ * of the window's start and the attention chunk's start (chunked-local
+ * attention), so blocks before it are never touched. A learned sink is a key
+ * with a logit and no value: it is the online softmax's initial state (max =
+ * sink, sum = exp(sink - sink) = 1, accumulator 0), so it costs no pass.
  */
 
 typedef float NAME(vf) __attribute__((vector_size(LANES * 4)));
@@ -257,13 +263,14 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
         const int64_t b = item / slices, h0 = item % slices * per, h1 = h0 + per < kvh ? h0 + per : kvh;
         const int64_t last = a->seq_lens[b] - 1;
         int64_t pos = a->window > 0 && last - a->window + 1 > 0 ? last - a->window + 1 : 0;
+        if (a->chunk > 0 && last / a->chunk * a->chunk > pos) pos = last / a->chunk * a->chunk;
         for (int64_t h = 0; h < h1 - h0; h++) {
             const float *qsrc = a->q + ((b * kvh + h0 + h) * groups) * hd;
             for (int64_t g = 0; g < groups; g++) {
                 float *qg = q + h * state + g * dim;
                 for (int64_t d = 0; d < dim; d++) qg[d] = d < hd ? qsrc[g * hd + d] * a->scale : 0.0f;
-                m[h * groups + g] = -INFINITY;
-                l[h * groups + g] = 0.0f;
+                m[h * groups + g] = a->sinks ? a->sinks[(h0 + h) * groups + g] : -INFINITY;
+                l[h * groups + g] = a->sinks ? 1.0f : 0.0f;
             }
         }
         memset(acc, 0, (size_t)((h1 - h0) * state) * sizeof(float));

@@ -17,7 +17,10 @@ from .devices import float_dtypes, known_devices, parse_device, probe_device, qu
 from .native_decode import native_variant
 from .storage import TorchStorage
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "ATTENTION_FEATURES"]
+
+ATTENTION_FEATURES = ("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks")
+"""The attention features of ``Capabilities.kernels``: all of them, in each of the backend's kernels."""
 
 
 def _version() -> str:
@@ -48,8 +51,10 @@ class TorchBackend:
         return probe_device(device)
 
     def capabilities(self, device: str) -> Capabilities:
+        """Every attention path (torch ops, the compiled CPU decode, Triton) has every feature, on every device."""
         dev = parse_device(device)
-        return Capabilities(dtypes=float_dtypes(dev), quantized=quantized_dtypes(dev), max_head_dim=512)
+        return Capabilities(dtypes=float_dtypes(dev), quantized=quantized_dtypes(dev), max_head_dim=512,
+                            kernels=ATTENTION_FEATURES)
 
     def create_storage(self, config: CacheConfig, device: str = "cpu") -> TorchStorage:
         probe = self.probe(device)

@@ -7,7 +7,9 @@ that copy costs what the halved read saves (measured in
 docs/benchmarks-torch.md). The C kernel widens each row in registers right
 before it is used, streams every K/V row once for all query heads of its
 group, and keeps an online softmax per query head (flash-decoding style), so
-narrow pools decode faster than wide ones.
+narrow pools decode faster than wide ones. Chunked-local attention and a
+sliding window only move where a sequence's walk starts (blocks before it
+are never read); sinks start each head's online softmax from its sink.
 
 The extension is optional (a source install without a C compiler skips it);
 ``native_unavailable_reason()`` says why it is missing, and the ``auto``
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -93,9 +96,14 @@ class NativeDecodePlan(TorchPlanBase):
         self.variant = variant
 
     @torch.no_grad()
-    def run(self, q, layer: int) -> torch.Tensor:
-        """``q [batch, num_q_heads, head_dim]`` -> attention output of the same shape and dtype."""
+    def run(self, q, layer: int, *, sinks: Any = None) -> torch.Tensor:
+        """``q [batch, num_q_heads, head_dim]`` -> attention output of the same shape and dtype.
+
+        ``sinks``: optional ``[num_q_heads]`` float sink logits of this layer
+        (host NumPy or a CPU tensor), checked here: C trusts their length.
+        """
         q, layer, num_q_heads = self.check(q, layer)
+        sink = self.sinks(sinks, num_q_heads)  # float32, contiguous, [num_kv_heads * group]: what C reads
         qf = q.float().contiguous()
         out = torch.empty(qf.shape, dtype=torch.float32)
         k, v = self.storage.pools(layer)
@@ -107,8 +115,9 @@ class NativeDecodePlan(TorchPlanBase):
                 self.seq_lens.ctypes.data, self.index.batch, self.tables.shape[1], num_blocks, self.num_kv_heads,
                 num_q_heads // self.num_kv_heads, self.head_dim, self.block_size, p.sliding_window or 0,
                 k.element_size())
+        extra = {"chunk": p.chunk_size or 0, "sinks": 0 if sink is None else sink.data_ptr()}
         found = _run(args, (NATIVE_DTYPES[k.dtype], p.scale, p.soft_cap or 0.0), self.index.batch,
-                     self.num_kv_heads, self.variant)
+                     self.num_kv_heads, self.variant, extra)
         if found is not None:
             raise _bounds_error(found, num_blocks, self.tables.shape[1] * self.block_size)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
@@ -130,8 +139,11 @@ _pool_threads = 0
 _pool_lock = threading.Lock()
 
 
-def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -> tuple[int, int, int, int] | None:
+def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str,
+         extra: dict) -> tuple[int, int, int, int] | None:
     """Decode the batch on ``torch.get_num_threads()`` threads (the kernel releases the GIL).
+
+    ``extra``: the kernel's keyword arguments (``chunk``, ``sinks``).
 
     An item walks one sequence's blocks once for a slice of its KV heads, so
     each block is read front to back; on one thread a slice is every head. With
@@ -147,10 +159,10 @@ def _run(args: tuple, numbers: tuple, batch: int, kv_heads: int, variant: str) -
     per = -(-kv_heads // slices)
     items = batch * -(-kv_heads // per)
     if threads <= 1 or items == 1:
-        return _cpu_decode.decode(*args, per, *numbers, 0, items, variant)
+        return _cpu_decode.decode(*args, per, *numbers, 0, items, variant, **extra)
     step = max(1, min(ITEMS_PER_TASK, items // threads))
     pool = _executor(threads)
-    tasks = [pool.submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant)
+    tasks = [pool.submit(_cpu_decode.decode, *args, per, *numbers, i, min(i + step, items), variant, **extra)
              for i in range(0, items, step)]
     errors = [task.exception() for task in tasks]  # wait for every task: they all write into `out`
     for error in errors:

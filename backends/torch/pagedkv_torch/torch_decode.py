@@ -19,6 +19,13 @@ of the rows, and a sliding window shifts each row to its first visible
 block, so ragged batches and windows waste no work on padding. The Python
 loop is over tiles (``total K bytes / tile_bytes``), never tokens.
 
+Chunked-local attention moves a row's first visible position to its
+chunk's start (or its window's, the later): the plan rebases each row's
+block table at the block holding that position, so blocks before it are
+never gathered, and masks the slots of that first block before it. Sinks
+join the one softmax: the row maximum includes the sink, and ``exp(sink -
+max)`` is added to the denominator (no value, no extra pass).
+
 On the CPU the per-tile matmuls go through NumPy on zero-copy views of the
 same buffers: for these shapes (4 x 128 times 128 x 64 per sequence and KV
 head) NumPy's matmul runs two to three times faster than ``torch.bmm``
@@ -29,15 +36,16 @@ head-major copy of the tile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from pagedkv_core.contract.attention import AttentionParams, BatchIndex
-from pagedkv_core.contract.tiles import plan_decode_tiles
+from pagedkv_core.contract.tiles import DecodeGroup, plan_decode_tiles
 
 from .convert import take
-from .plan_base import TorchPlanBase
+from .plan_base import TorchPlanBase, first_visible
 from .storage import TorchStorage
 
 __all__ = ["TorchDecodePlan", "DEFAULT_TILE_BYTES", "GROUP_SLOTS"]
@@ -78,26 +86,61 @@ class TorchDecodePlan(TorchPlanBase):
         index = self.index  # the checked int64 copy, not the caller's arrays
         self.block_bytes = self.block_size * self.num_kv_heads * self.head_dim * 4
         dev = self.device
+        if params.chunk_size is None:
+            planned = plan_decode_tiles(index, np.arange(index.batch), self.block_size, params.sliding_window,
+                                        self.block_bytes, tile_bytes, GROUP_SLOTS)
+        else:
+            planned = self._chunked_tiles(index, tile_bytes)
         self.groups: list[_Group] = [
             _Group(torch.from_numpy(g.rows).to(dev), g.width, torch.from_numpy(g.hidden).to(dev), tuple(
                 _Tile(t.r0, t.r1, t.c0, t.c1, torch.from_numpy(t.ids.reshape(-1)).to(dev)) for t in g.tiles))
-            for g in plan_decode_tiles(index, np.arange(index.batch), self.block_size, params.sliding_window,
-                                       self.block_bytes, tile_bytes, GROUP_SLOTS)
+            for g in planned
         ]
         self.buffer_blocks = max((t.ids.numel() for g in self.groups for t in g.tiles), default=1)
         self.on_cpu = self.device.type == "cpu"
 
+    def _chunked_tiles(self, index: BatchIndex, tile_bytes: int) -> list[DecodeGroup]:
+        """Tiles of a chunked batch: each row's table rebased at the block of its first visible position.
+
+        The shared planner knows windows only; a row whose visible range
+        starts at ``first`` (its chunk's start or its window's) is handed to
+        it as the sequence that begins at block ``first // block_size``, with
+        no window, and the slots of that block before ``first`` are hidden
+        here. Rows keep their batch positions, so nothing else changes.
+        """
+        bs = self.block_size
+        t = index.seq_lens - 1
+        first = first_visible(t, self.params)
+        shift = first // bs
+        width = index.block_tables.shape[1]
+        cols = np.minimum(shift[:, None] + np.arange(width)[None, :], max(width - 1, 0))
+        tables = np.take_along_axis(index.block_tables, cols, axis=1) if width else index.block_tables
+        rebased = BatchIndex(tables, index.seq_lens - shift * bs, index.query_start_loc, index.query_lens, True)
+        skip = first - shift * bs  # slots of a row's first block before its first visible position
+        groups = plan_decode_tiles(rebased, np.arange(index.batch), bs, None, self.block_bytes, tile_bytes,
+                                   GROUP_SLOTS)
+        return [DecodeGroup(g.rows, g.width, g.hidden | (np.arange(g.width * bs)[None, :] < skip[g.rows, None]),
+                            g.tiles) for g in groups]
+
     @torch.no_grad()
-    def run(self, q, layer: int) -> torch.Tensor:
-        """``q [batch, num_q_heads, head_dim]`` -> attention output of the same shape and dtype."""
+    def run(self, q, layer: int, *, sinks: Any = None) -> torch.Tensor:
+        """``q [batch, num_q_heads, head_dim]`` -> attention output of the same shape and dtype.
+
+        ``sinks``: optional ``[num_q_heads]`` float sink logits of this layer
+        (host NumPy or a tensor on the storage's device).
+        """
         q, layer, num_q_heads = self.check(q, layer)
+        sink = self.sinks(sinks, num_q_heads)
+        if sink is not None:
+            sink = sink.view(1, self.num_kv_heads, num_q_heads // self.num_kv_heads, 1)
         out = torch.empty_like(q)
         pools, scales = self.storage.pools(layer), self.storage.scales(layer)
         for group in self.groups:
-            out[group.rows] = self._run_group(group, q, num_q_heads, pools, scales).to(q.dtype)
+            out[group.rows] = self._run_group(group, q, num_q_heads, pools, scales, sink).to(q.dtype)
         return out
 
-    def _run_group(self, g: _Group, q: torch.Tensor, num_q_heads: int, pools, scales) -> torch.Tensor:
+    def _run_group(self, g: _Group, q: torch.Tensor, num_q_heads: int, pools, scales,
+                   sink: torch.Tensor | None) -> torch.Tensor:
         kv, dim, bs = self.num_kv_heads, self.head_dim, self.block_size
         group, rows, slots = num_q_heads // kv, g.rows.numel(), g.width * bs
         qg = (q.index_select(0, g.rows).float() * self.params.scale).view(rows, kv, group, dim)
@@ -109,8 +152,13 @@ class TorchDecodePlan(TorchPlanBase):
             cap = self.params.soft_cap
             s.div_(cap).tanh_().mul_(cap)
         s.masked_fill_(g.hidden[:, None, None, :], float("-inf"))
-        s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+        top = s.amax(dim=-1, keepdim=True)
+        if sink is not None:
+            top = torch.maximum(top, sink)
+        s.sub_(top).exp_()
         total = s.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            total += (sink - top).exp_()
         acc = torch.zeros(rows, kv, group, dim, dtype=torch.float32, device=self.device)
         for tile in g.tiles:  # V pass
             values = self._tile(pools[1], None if scales is None else scales[1], tile)

@@ -2,10 +2,13 @@
 
 Batch-only work happens once per step in the plan: block tables, lengths and
 query offsets become int32 device tensors, the decode split length and the
-prefill tile list are chosen. ``run`` per layer only launches kernels.
+prefill tile list are chosen. ``run`` per layer only launches kernels (after
+checking the layer's sinks, when given).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +52,8 @@ class _TritonPlan(TorchPlanBase):
                   or (k_pool.dtype == torch.bfloat16 and triton_interpreting()))
         return dict(HEAD_DIM=self.head_dim, D_PAD=self.d_pad, PAGE=self.block_size, BLOCK_N=self.block_n,
                     QUANT=self.storage.quantized, SOFT_CAP=p.soft_cap is not None,
-                    WINDOW=p.sliding_window is not None, UPCAST=upcast, PRECISION="ieee" if upcast else "tf32")
+                    WINDOW=p.sliding_window is not None, CHUNK=p.chunk_size is not None, UPCAST=upcast,
+                    PRECISION="ieee" if upcast else "tf32")
 
     def _operands(self, layer: int):
         k_pool, v_pool = self.storage.pools(layer)
@@ -58,9 +62,9 @@ class _TritonPlan(TorchPlanBase):
         s_sb = ks.stride(0) if scales is not None else 0
         return k_pool, v_pool, ks, vs, s_sb
 
-    def _scalars(self) -> tuple[float, float, int]:
+    def _scalars(self) -> tuple[float, float, int, int]:
         p = self.params
-        return p.scale, p.soft_cap or 0.0, p.sliding_window or 0
+        return p.scale, p.soft_cap or 0.0, p.sliding_window or 0, p.chunk_size or 0
 
 
 class TritonDecodePlan(_TritonPlan):
@@ -81,9 +85,14 @@ class TritonDecodePlan(_TritonPlan):
         self.num_splits = -(-longest // self.split_len)
 
     @torch.no_grad()
-    def run(self, q, layer: int) -> torch.Tensor:
-        """``q [batch, num_q_heads, head_dim]`` -> output of the same shape and dtype."""
+    def run(self, q, layer: int, *, sinks: Any = None) -> torch.Tensor:
+        """``q [batch, num_q_heads, head_dim]`` -> output of the same shape and dtype.
+
+        ``sinks``: optional ``[num_q_heads]`` float sink logits of this layer
+        (host NumPy or a tensor on the storage's device).
+        """
         q, layer, num_q_heads = self.check(q, layer)
+        sink = self.sinks(sinks, num_q_heads)
         out = torch.empty_like(q)
         if self.index.batch == 0:
             return out
@@ -97,18 +106,19 @@ class TritonDecodePlan(_TritonPlan):
                              dtype=torch.float32, device=self.device)
         part_ml = torch.empty((1,) if direct else (batch, kv, splits, g_pad, 2), dtype=torch.float32,
                               device=self.device)
-        scale, cap, window = self._scalars()
+        scale, cap, window, chunk = self._scalars()
         flags = self._flags(k_pool)
+        sinks_arg = part_ml if sink is None else sink  # never loaded when SINKS is off
         kernels.paged_decode_kernel[(batch, kv, splits)](
-            q, k_pool, v_pool, ks, vs, self.tables, self.lens, out, part_o, part_ml,
-            scale, cap, window, self.storage.config.num_blocks, self.split_len,
+            q, k_pool, v_pool, ks, vs, self.tables, self.lens, out, part_o, part_ml, sinks_arg,
+            scale, cap, window, chunk, self.storage.config.num_blocks, self.split_len,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), s_sb,
             self.tables.stride(0), out.stride(0), out.stride(1),
-            GROUP=group, G_PAD=g_pad, DIRECT=direct, **flags)
+            GROUP=group, G_PAD=g_pad, DIRECT=direct, SINKS=sink is not None, **flags)
         if not direct:
             kernels.decode_reduce_kernel[(batch, kv)](
-                part_o, part_ml, out, splits, out.stride(0), out.stride(1),
-                GROUP=group, G_PAD=g_pad, HEAD_DIM=self.head_dim, D_PAD=self.d_pad)
+                part_o, part_ml, out, sinks_arg, splits, out.stride(0), out.stride(1),
+                GROUP=group, G_PAD=g_pad, HEAD_DIM=self.head_dim, D_PAD=self.d_pad, SINKS=sink is not None)
         return out
 
 
@@ -130,20 +140,25 @@ class TritonPrefillPlan(_TritonPlan):
         self.qsl = _int32(index.query_start_loc, self.device)
 
     @torch.no_grad()
-    def run(self, q, layer: int) -> torch.Tensor:
-        """``q [num_queries, num_q_heads, head_dim]`` -> output of the same shape and dtype."""
+    def run(self, q, layer: int, *, sinks: Any = None) -> torch.Tensor:
+        """``q [num_queries, num_q_heads, head_dim]`` -> output of the same shape and dtype.
+
+        ``sinks``: optional ``[num_q_heads]`` float sink logits of this layer
+        (host NumPy or a tensor on the storage's device).
+        """
         q, layer, num_q_heads = self.check(q, layer)
+        sink = self.sinks(sinks, num_q_heads)
         out = torch.zeros_like(q)
         if self.num_tiles == 0:
             return out
         q = q.contiguous()
         k_pool, v_pool, ks, vs, s_sb = self._operands(layer)
-        scale, cap, window = self._scalars()
+        scale, cap, window, chunk = self._scalars()
         kernels.paged_prefill_kernel[(self.num_tiles, num_q_heads)](
             q, k_pool, v_pool, ks, vs, self.tables, self.lens, self.qsl, self.tile_seq, self.tile_row, out,
-            scale, cap, window, self.storage.config.num_blocks,
+            out if sink is None else sink, scale, cap, window, chunk, self.storage.config.num_blocks,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), s_sb,
             self.tables.stride(0), out.stride(0), out.stride(1),
             GROUP=num_q_heads // self.num_kv_heads, BLOCK_M=self.block_m, CAUSAL=self.params.causal,
-            num_warps=4 if self.d_pad <= 64 else 8, **self._flags(k_pool))
+            SINKS=sink is not None, num_warps=4 if self.d_pad <= 64 else 8, **self._flags(k_pool))
         return out

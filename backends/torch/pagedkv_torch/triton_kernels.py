@@ -10,11 +10,18 @@ Decode (flash-decoding): one program per (sequence, KV head, split) serves
 all ``GROUP`` query heads of that KV head, so each K/V block is read once per
 group; a split covers ``split_len`` tokens; partial (acc, max, sum) go to a
 float32 buffer that ``decode_reduce_kernel`` merges (or, with one split, the
-kernel normalises and writes the output itself).
+kernel normalises and writes the output itself). A window or an attention
+chunk (``CHUNK``: chunked-local attention) moves the first visible token, so
+splits before it read nothing. A sink (``SINKS``) is a key with a logit and
+no value, joined exactly once: as the initial (max, sum) = (sink, 1) of the
+online softmax, in the decode kernel when there is one split, else in the
+reduction (never once per split).
 
 Prefill: one program per (query tile of ``BLOCK_M`` rows of one sequence,
 query head); the tile's queries sit at positions ``seq_len - n + row`` and
-scan only the key range their causal/window masks can see.
+scan only the key range their causal/window/chunk masks can see (a tile that
+straddles a chunk boundary masks each row to its own chunk). Sinks start
+each row's online softmax as in decode.
 
 Conventions (``pagedkv_core.contract.attention``): scores ``scale * q.k``, then
 ``soft_cap * tanh(s / soft_cap)``, then masks; softmax in float32.
@@ -58,12 +65,13 @@ def _load_tokens(pool_ptr, scale_ptr, table_row_ptr, tok, end, kvh, num_blocks, 
 
 @triton.jit
 def paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
-    scale, soft_cap, window, num_blocks, split_len,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr, sinks_ptr,
+    scale, soft_cap, window, chunk, num_blocks, split_len,
     s_qb, s_qh, s_kb, s_kt, s_kh, s_sb, s_tb, s_ob, s_oh,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, SOFT_CAP: tl.constexpr,
-    WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+    WINDOW: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -75,6 +83,8 @@ def paged_decode_kernel(
     end = tl.minimum(start + split_len, seq_len)
     if WINDOW:
         start = tl.maximum(start, seq_len - window)
+    if CHUNK:
+        start = tl.maximum(start, (seq_len - 1) // chunk * chunk)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     gmask = g < GROUP
@@ -86,6 +96,9 @@ def paged_decode_kernel(
         q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
+    if SINKS and DIRECT:  # one split: the sink joins here; else once, in decode_reduce_kernel
+        m_i = tl.load(sinks_ptr + heads, mask=gmask, other=0.0)
+        l_i = l_i + 1.0
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     table_row = table_ptr + b.to(tl.int64) * s_tb
     for tok0 in range(start, end, BLOCK_N):
@@ -121,10 +134,15 @@ def paged_decode_kernel(
 
 @triton.jit
 def decode_reduce_kernel(
-    part_o_ptr, part_ml_ptr, out_ptr, num_splits, s_ob, s_oh,
+    part_o_ptr, part_ml_ptr, out_ptr, sinks_ptr, num_splits, s_ob, s_oh,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, KV head): rescale each partial to the common max."""
+    """Merge the splits of one (sequence, KV head): rescale each partial to the common max.
+
+    With ``SINKS`` the merge starts from each head's sink (max ``sink``, sum
+    1, no value), which is how the sink joins a split context exactly once.
+    """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     num_kv = tl.num_programs(1)
@@ -132,6 +150,9 @@ def decode_reduce_kernel(
     d = tl.arange(0, D_PAD)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     total = tl.zeros([G_PAD], tl.float32)
+    if SINKS:
+        m = tl.load(sinks_ptr + kvh * GROUP + g, mask=g < GROUP, other=0.0)
+        total = total + 1.0
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     for split in range(0, num_splits):
         row = ((b * num_kv + kvh) * num_splits + split).to(tl.int64) * G_PAD + g
@@ -154,11 +175,12 @@ def decode_reduce_kernel(
 @triton.jit
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, qsl_ptr, tile_seq_ptr, tile_row_ptr, out_ptr,
-    scale, soft_cap, window, num_blocks,
+    sinks_ptr, scale, soft_cap, window, chunk, num_blocks,
     s_qt, s_qh, s_kb, s_kt, s_kh, s_sb, s_tb, s_ot, s_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, SOFT_CAP: tl.constexpr,
-    WINDOW: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -179,12 +201,20 @@ def paged_prefill_kernel(
         q = q.to(tl.float32)
     lo = 0
     hi = seq_len
+    t_first = seq_len - n + r0
+    t_last = seq_len - n + tl.minimum(r0 + BLOCK_M, n) - 1
     if CAUSAL or WINDOW:  # a window implies p <= t as well
-        hi = seq_len - n + tl.minimum(r0 + BLOCK_M, n)
+        hi = t_last + 1
     if WINDOW:
-        lo = tl.maximum(seq_len - n + r0 - window + 1, 0)
+        lo = tl.maximum(t_first - window + 1, 0)
+    if CHUNK:  # the tile's rows see from the first row's chunk to the last row's (each row masked to its own)
+        lo = tl.maximum(lo, t_first // chunk * chunk)
+        hi = tl.minimum(hi, (t_last // chunk + 1) * chunk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + h)
+        l_i = l_i + 1.0
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table_row = table_ptr + b.to(tl.int64) * s_tb
     for tok0 in range(lo, hi, BLOCK_N):
@@ -200,6 +230,8 @@ def paged_prefill_kernel(
             visible = visible & (tok[None, :] <= t[:, None])
         if WINDOW:
             visible = visible & (tok[None, :] > t[:, None] - window)
+        if CHUNK:
+            visible = visible & (tok[None, :] // chunk == t[:, None] // chunk)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

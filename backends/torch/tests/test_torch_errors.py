@@ -196,3 +196,37 @@ def test_plan_index_refuses_another_storage_and_loose_params(storage):
         TorchAttention().plan_index(object(), index, AttentionParams.make(32))
     with pytest.raises(InvalidArgument, match="AttentionParams"):
         TorchAttention("torch").plan_index(storage, index, {"scale": 1.0})
+
+
+BAD_SINKS = {  # sinks for 4 query heads -> error
+    "too few heads": (np.zeros(3, np.float32), ShapeMismatch),
+    "one per KV head": (np.zeros(2, np.float32), ShapeMismatch),
+    "2-D": (np.zeros((1, 4), np.float32), ShapeMismatch),
+    "a scalar": (np.float32(1.0), DTypeMismatch),
+    "NaN": (np.array([0.0, np.nan, 0.0, 0.0], np.float32), InvalidArgument),
+    "infinity": (np.array([0.0, 0.0, -np.inf, 0.0], np.float32), InvalidArgument),
+    "beyond float32": (np.array([0.0, 1e39, 0.0, 0.0]), InvalidArgument),
+    "integers": (np.arange(4), DTypeMismatch),
+    "a list": ([0.0, 1.0, 2.0, 3.0], DTypeMismatch),
+    "integer tensor": (torch.arange(4), DTypeMismatch),
+    "tensor NaN": (torch.tensor([0.0, 0.0, 0.0, float("nan")], dtype=torch.bfloat16), InvalidArgument),
+    "tensor of the wrong shape": (torch.zeros(8), ShapeMismatch),
+    "tensor on another device": (torch.zeros(4, device="meta"), DeviceMismatch),
+}
+
+
+@pytest.mark.parametrize("kernel", ["torch", "auto"], ids=["torch ops", "auto (the compiled kernel where built)"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("case", list(BAD_SINKS), ids=list(BAD_SINKS))
+def test_bad_sinks(storage, case, prefill, kernel):
+    """Refused with the typed error before any kernel runs (the same error from every kernel)."""
+    sinks, error = BAD_SINKS[case]
+    plan = TorchAttention(kernel).plan(storage, np.array([[0, 1], [2, 3]]), np.array([9, 3]),
+                                       np.array([0, 2, 3]) if prefill else None, chunk_size=4)
+    _unchanged(storage, lambda: plan.run(torch.ones(3 if prefill else 2, 4, 32), 0, sinks=sinks), error)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 2.5, True, "8"])
+def test_bad_chunk_size(storage, chunk_size):
+    with pytest.raises(InvalidArgument, match="chunk_size"):
+        TorchAttention("torch").plan(storage, np.array([[0, 1]]), np.array([9]), chunk_size=chunk_size)

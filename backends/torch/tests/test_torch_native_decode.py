@@ -6,7 +6,10 @@ thread and on several (items split by KV-head slices), over shapes that hit
 each edge of the kernel: head dims that are not a multiple of the vector
 width, query groups that are not a multiple of the 4-head micro-tile, blocks
 longer than a 16-token chunk, windows that start mid-block, and stale data
-after ``seq_len`` in a sequence's last block.
+after ``seq_len`` in a sequence's last block; chunked-local attention with
+chunks smaller than, equal to and not dividing the block size (alone and
+with a window and soft-cap), and attention sinks (large positive and
+negative logits, GQA, with chunks) on every pool dtype.
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ pytestmark = pytest.mark.skipif(native_unavailable_reason() is not None, reason=
 VARIANTS = {"generic": 0, "avx2": 1, "avx512": 2}
 AVAILABLE = [v for v in VARIANTS if native_variant() is not None and VARIANTS[v] <= VARIANTS.get(native_variant(), 0)]
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
-FEATURES = {
+FEATURES = {  # make_config's block size is 8
     "plain": {},
     "window": {"sliding_window": 7},
     "soft cap": {"soft_cap": 2.0},
     "window and cap": {"sliding_window": 20, "soft_cap": 1.5, "scale": 0.3},
+    "chunk 3 (< block)": {"chunk_size": 3},
+    "chunk 8 (= block)": {"chunk_size": 8},
+    "chunk 12 (does not divide)": {"chunk_size": 12},
+    "chunk, window, cap": {"chunk_size": 12, "sliding_window": 9, "soft_cap": 1.5, "scale": 0.3},
+}
+SINKS = {  # per query head of 4
+    "large": [30.0, -30.0, 1e4, -1e4],
+    "ordinary": [0.5, -1.0, 2.0, 0.0],
 }
 
 
@@ -58,10 +69,19 @@ def threads(request):
         yield request.param
 
 
-def _decode(batch, q, layer, variant="auto", **kw):
+def _decode(batch, q, layer, variant="auto", sinks=None, **kw):
     index = check_batch(batch.storage.config, batch.block_tables, batch.seq_lens, None)
     params = AttentionParams.make(batch.storage.config.head_dim, **kw)
-    return NativeDecodePlan(batch.storage, index, params, variant).run(q, layer)
+    return NativeDecodePlan(batch.storage, index, params, variant).run(q, layer, sinks=sinks)
+
+
+def assert_oracle(actual, expected: np.ndarray, dtype: str, what: str) -> None:
+    """Against the float64 oracle within the conformance suite's per-dtype tolerance."""
+    from pagedkv_conformance.tolerances import DEFAULT_TOLERANCES
+
+    atol, rtol = DEFAULT_TOLERANCES[dtype]
+    np.testing.assert_allclose(actual.float().numpy().astype(np.float64), expected, atol=atol, rtol=rtol,
+                               err_msg=what)
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -78,6 +98,50 @@ def test_decode(backend, variant, dtype, feature, threads):
                  f"native {variant} {dtype} {feature}")
 
 
+@pytest.mark.parametrize("sinks", list(SINKS))
+@pytest.mark.parametrize("feature", ["plain", "chunk 3 (< block)", "chunk, window, cap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", AVAILABLE)
+def test_decode_sinks(backend, variant, dtype, feature, sinks, threads):
+    """Each head's sink starts its online softmax: large logits neither overflow nor vanish, on every dtype."""
+    rng = np.random.default_rng(160)
+    batch = make_batch(backend, make_config(dtype, blocks=40), rng, [17, 5, 40, 1, 8], pad_value=10**6)
+    q, q_np = random_query(backend, batch, rng, 4, "float32" if dtype == "int8" else dtype)
+    s = np.asarray(SINKS[sinks], np.float32)
+    kw = FEATURES[feature]
+    out = _decode(batch, q, 1, variant, torch.from_numpy(s), **kw)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    assert_oracle(out, oracle(batch, q_np, 1, sinks=s, **kw), dtype, f"native {variant} {dtype} {feature} {sinks}")
+
+
+@pytest.mark.parametrize("kv_heads, q_heads, block_size, head_dim", [
+    (2, 2, 8, 32), (1, 8, 16, 64), (4, 8, 4, 40), (3, 9, 32, 72),
+], ids=["mha", "mqa-bs16-d64", "gqa2-bs4-d40", "gqa3-bs32-d72"])
+@pytest.mark.parametrize("variant", AVAILABLE)
+def test_sinks_with_gqa_and_chunks(backend, variant, kv_heads, q_heads, block_size, head_dim, threads):
+    """A sink per query head, also within one KV head's group, with chunks that cut blocks anywhere."""
+    rng = np.random.default_rng(161)
+    config = make_config(kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, blocks=300)
+    batch = make_batch(backend, config, rng, [33, 2, 161, 70])
+    q, q_np = random_query(backend, batch, rng, q_heads, "float32")
+    s = rng.uniform(-6, 6, q_heads)
+    for kw in ({}, {"chunk_size": 20}, {"chunk_size": 64, "sliding_window": 45}):
+        out = _decode(batch, q, 0, variant, s, **kw)
+        assert_oracle(out, oracle(batch, q_np, 0, sinks=s, **kw), "float32", f"native {variant} gqa sinks {kw}")
+
+
+def test_the_kernel_refuses_a_negative_chunk(backend):
+    batch = make_batch(backend, make_config(), np.random.default_rng(162), [12])
+    c = batch.storage.config
+    k, v = batch.storage.pools(0)
+    tables, lens = torch.zeros(1, 2, dtype=torch.int64), torch.tensor([12])
+    q = torch.zeros(1, 2, 32)
+    with pytest.raises(ValueError, match="invalid decode arguments"):
+        native_decode._cpu_decode.decode(q.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, 0,
+                                         tables.data_ptr(), lens.data_ptr(), 1, 2, c.num_blocks, c.num_kv_heads, 1,
+                                         c.head_dim, c.block_size, 0, 4, c.num_kv_heads, 0, 0.1, 0.0, 0, 1, chunk=-1)
+
+
 @pytest.mark.parametrize("kv_heads, q_heads, block_size, head_dim", [
     (2, 2, 8, 32), (1, 8, 16, 64), (4, 8, 4, 40), (3, 9, 32, 72), (2, 14, 64, 24), (1, 5, 1, 16),
 ], ids=["mha", "mqa-bs16-d64", "gqa2-bs4-d40", "gqa3-bs32-d72", "gqa7-bs64-d24", "gqa5-bs1-d16"])
@@ -87,7 +151,7 @@ def test_shapes(backend, variant, kv_heads, q_heads, block_size, head_dim, threa
     config = make_config(kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, blocks=300)
     batch = make_batch(backend, config, rng, [33, 2, 161, 70])
     q, q_np = random_query(backend, batch, rng, q_heads, "float32")
-    for kw in ({}, {"sliding_window": 45}):
+    for kw in ({}, {"sliding_window": 45}, {"chunk_size": 50}, {"chunk_size": 7, "sliding_window": 5}):
         out = _decode(batch, q, 0, variant, **kw)
         assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, **kw), "float32",
                      f"native {variant} shape {kw}")
@@ -202,6 +266,11 @@ def _cases(draw):
         params["sliding_window"] = draw(st.integers(1, 100))
     if draw(st.booleans()):
         params["soft_cap"] = draw(st.floats(0.5, 30.0))
+    if draw(st.booleans()):
+        params["chunk_size"] = draw(st.integers(1, 100))
+    if draw(st.booleans()):  # a sink per query head, from negligible to dominant
+        params["sinks"] = draw(st.lists(st.floats(-50.0, 50.0), min_size=kv_heads * group,
+                                        max_size=kv_heads * group))
     dtype = draw(st.sampled_from(DTYPES))
     return kv_heads, group, head_dim, block_size, lens, params, dtype, draw(st.sampled_from(AVAILABLE)), draw(
         st.integers(1, 3)), draw(st.integers(0, 2**32 - 1))
@@ -213,7 +282,7 @@ _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scop
 @settings(max_examples=60, **_SETTINGS)
 @given(_cases())
 def test_random_batches_match_the_oracle(backend, case):
-    """Any head count, head dim, block size, ragged lengths, window and cap, on 1-3 threads."""
+    """Any head count, head dim, block size, ragged lengths, window, cap, chunk and sinks, on 1-3 threads."""
     _check_random_batch(backend, case)
 
 
@@ -233,9 +302,12 @@ def _check_random_batch(backend, case):
                          blocks=blocks + 3)
     batch = make_batch(backend, config, rng, lens, pad_value=10**6)
     q, q_np = random_query(backend, batch, rng, kv_heads * group, "float32" if dtype == "int8" else dtype)
+    params = dict(params)
+    sinks = params.pop("sinks", None)
+    sinks = None if sinks is None else np.asarray(sinks, np.float32)
     with _torch_threads(threads):
-        out = _decode(batch, q, 0, variant, **params)
-    assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, **params), dtype,
+        out = _decode(batch, q, 0, variant, sinks, **params)
+    assert_close(backend.to_numpy(out).astype(np.float64), oracle(batch, q_np, 0, sinks=sinks, **params), dtype,
                  f"native {variant} {case}")
 
 

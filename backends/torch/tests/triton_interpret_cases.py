@@ -10,7 +10,10 @@ session keeps compiled kernels. To run it by hand::
 Shapes are tiny (the interpreter executes each program in NumPy) but cover
 every branch: one split and several (the reduction pass), GQA group sizes 1,
 2 and 4, windows, soft-caps, int8 scales, ragged prefill over cached
-prefixes, and block ids that only the kernel's own bounds check stops.
+prefixes, and block ids that only the kernel's own bounds check stops; and
+chunked-local attention (chunks smaller than, equal to and not dividing the
+block size, query tiles that straddle a chunk boundary) and attention sinks
+(joined once whether the context is split or not).
 """
 
 from __future__ import annotations
@@ -96,3 +99,77 @@ def test_kernel_masks_block_ids_outside_the_pool(backend, bad_id):
         expected = oracle(batch, q_np, 1)
         batch.seq_lens[0] = 16
         assert_close(backend.to_numpy(out).astype(np.float64), expected, "float32", f"bad id {bad_id}")
+
+
+def _assert_oracle(out, expected, dtype, what):
+    """Against the float64 oracle within the conformance suite's per-dtype tolerance."""
+    from pagedkv_conformance.tolerances import DEFAULT_TOLERANCES
+
+    atol, rtol = DEFAULT_TOLERANCES[dtype]
+    np.testing.assert_allclose(out.float().numpy().astype(np.float64), expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+CHUNKED = {  # make_config's block size is 8
+    "chunk 3": {"chunk_size": 3},
+    "chunk 8": {"chunk_size": 8},
+    "chunk 12, window 9, cap": {"chunk_size": 12, "sliding_window": 9, "soft_cap": 1.5},
+}
+SINKS = {"no sinks": None, "sinks": np.array([30.0, -1e4, 1.5, -0.5], np.float32)}
+
+
+@pytest.mark.parametrize("sinks", list(SINKS))
+@pytest.mark.parametrize("feature", list(CHUNKED))
+@pytest.mark.parametrize("split_tokens", [None, 16], ids=["one split", "16-token splits"])
+def test_decode_chunked_and_sinks(backend, split_tokens, feature, sinks):
+    rng = np.random.default_rng(54)
+    batch = make_batch(backend, make_config(blocks=16), rng, [37, 5, 20, 24], pad_value=10**6)
+    q, q_np = random_query(backend, batch, rng, 4, "float32")
+    kw, s = CHUNKED[feature], SINKS[sinks]
+    out = TorchAttention("triton", split_tokens=split_tokens).decode(
+        q, batch.storage, 1, batch.block_tables, batch.seq_lens, sinks=s, **kw)
+    _assert_oracle(out, oracle(batch, q_np, 1, sinks=s, **kw), "float32", f"triton decode {feature} {sinks}")
+
+
+@pytest.mark.parametrize("split_tokens", [None, 16], ids=["one split", "16-token splits"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_decode_chunked_sinks_narrow_pools(backend, dtype, split_tokens):
+    rng = np.random.default_rng(55)
+    batch = make_batch(backend, make_config(dtype, blocks=16), rng, [37, 5, 20], pad_value=10**6)
+    q, q_np = random_query(backend, batch, rng, 4, _q_dtype(dtype))
+    s = torch.tensor([2.0, -3.0, 0.5, 8.0], dtype=torch.bfloat16)
+    out = TorchAttention("triton", split_tokens=split_tokens).decode(
+        q, batch.storage, 1, batch.block_tables, batch.seq_lens, chunk_size=12, sinks=s)
+    assert out.dtype == q.dtype
+    _assert_oracle(out, oracle(batch, q_np, 1, chunk_size=12, sinks=s.float().numpy()), dtype,
+                   f"triton decode {dtype} chunk and sinks")
+
+
+PREFILL_CHUNKED = {  # query tiles of 16 rows straddle chunk boundaries
+    "ragged over prefixes, chunk 5": ([17, 0, 30, 9], [5, 0, 30, 1], {"chunk_size": 5}),
+    "chunk 12, window, cap": ([30, 20], [25, 20], {"chunk_size": 12, "sliding_window": 9, "soft_cap": 2.0}),
+    "not causal, chunk 8": ([17, 30], [3, 20], {"chunk_size": 8, "causal": False}),
+}
+
+
+@pytest.mark.parametrize("sinks", list(SINKS))
+@pytest.mark.parametrize("case", list(PREFILL_CHUNKED))
+def test_prefill_chunked_and_sinks(backend, case, sinks):
+    rng = np.random.default_rng(56)
+    lens, qlens, kw = PREFILL_CHUNKED[case]
+    batch = make_batch(backend, make_config(blocks=16), rng, lens, qlens)
+    q, q_np = random_query(backend, batch, rng, 4, "float32")
+    s = SINKS[sinks]
+    out = TorchAttention("triton").prefill(q, batch.storage, 1, batch.block_tables, batch.seq_lens,
+                                           batch.query_start_loc, sinks=s, **kw)
+    _assert_oracle(out, oracle(batch, q_np, 1, sinks=s, **kw), "float32", f"triton prefill {case} {sinks}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_prefill_chunked_sinks_narrow_pools(backend, dtype):
+    rng = np.random.default_rng(57)
+    batch = make_batch(backend, make_config(dtype, kv_heads=1, blocks=16), rng, [30, 9], [25, 9])
+    q, q_np = random_query(backend, batch, rng, 4, _q_dtype(dtype))
+    s = np.array([-20.0, 20.0, 0.0, 1.0])
+    out = TorchAttention("triton").prefill(q, batch.storage, 1, batch.block_tables, batch.seq_lens,
+                                           batch.query_start_loc, chunk_size=7, sinks=s)
+    _assert_oracle(out, oracle(batch, q_np, 1, chunk_size=7, sinks=s), dtype, f"triton prefill {dtype} gqa 4")
