@@ -22,6 +22,7 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest -q -m "not slow and not benchmark" $(PYTEST_FLAGS)

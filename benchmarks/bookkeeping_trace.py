@@ -111,7 +111,7 @@ def run_trace(requests, *, prefix_caching: bool = True, num_blocks: int = 4096, 
                 still.append(rid)
         if steps % 64 == 0:  # sample memory waste
             used_slots = manager.pool.num_used * bs
-            tokens_held = sum(manager.tables.lens[manager._seqs[r].row] for r in still)
+            tokens_held = sum(manager.sequences.tables.lens[manager.sequences.find(r).row] for r in still)
             if used_slots:
                 waste_sum += 1 - min(1.0, tokens_held / used_slots)
             frag = manager.fragmentation_stats()

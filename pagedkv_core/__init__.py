@@ -30,8 +30,9 @@ from .interfaces import (
     MultiDeviceCacheManager,
 )
 from .manager.facade import PagedKvCacheManager
+from .manager.handle import PagedKvCacheHandle
 from .manager.multi_device import MultiDeviceManager
-from .manager.records import PagedKvCacheHandle, SeqState
+from .manager.records import SeqState
 from .plugins import BackendRegistry, available_backends, default_registry, get_backend, register_backend
 from .policy.eviction import (
     EvictionCandidate,

@@ -158,24 +158,25 @@ class AllocationRequest:
     def __post_init__(self) -> None:
         if self.token_ids is not None and not isinstance(self.token_ids, tuple):
             object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
-        if self.initial_tokens is None:
-            object.__setattr__(self, "initial_tokens", len(self.token_ids or ()))
-        _require(self.initial_tokens >= 0, f"initial_tokens must be >= 0, got {self.initial_tokens}")
+        initial = len(self.token_ids or ()) if self.initial_tokens is None else self.initial_tokens
+        object.__setattr__(self, "initial_tokens", initial)
+        _require(initial >= 0, f"initial_tokens must be >= 0, got {initial}")
         if self.token_ids is not None:
             _require(
-                len(self.token_ids) == self.initial_tokens,
-                f"initial_tokens={self.initial_tokens} but {len(self.token_ids)} token ids given",
+                len(self.token_ids) == initial,
+                f"initial_tokens={initial} but {len(self.token_ids)} token ids given",
             )
         if self.max_sequence_length is not None:
             _require(
-                self.max_sequence_length >= self.initial_tokens,
+                self.max_sequence_length >= initial,
                 "max_sequence_length must be >= initial_tokens",
             )
 
     def num_blocks(self, block_size: int) -> int:
-        return -(-self.initial_tokens // block_size)
+        # ``or 0`` only narrows the type: ``__post_init__`` replaced the ``None`` default by a count
+        return -(-(self.initial_tokens or 0) // block_size)
 
     def estimated_memory_bytes(self, config: CacheConfig) -> int:
         """Device bytes the sequence needs at its maximum length, in whole blocks."""
-        tokens = self.max_sequence_length or self.initial_tokens
+        tokens = self.max_sequence_length or self.initial_tokens or 0
         return -(-tokens // config.block_size) * config.bytes_per_block

@@ -98,7 +98,7 @@ class UnknownSequence(PagedKvError, KeyError):
         super().__init__(f"unknown sequence {request_id!r}")
 
     def __str__(self) -> str:  # KeyError would quote the whole message
-        return self.args[0]
+        return str(self.args[0])
 
 
 class StaleHandle(UnknownSequence):
@@ -188,8 +188,8 @@ class UnknownBackend(PagedKvError, KeyError):
             message += f" ({suggestion or name!r} is not installed: {install_hint})"
         super().__init__(message)
 
-    def __str__(self) -> str:
-        return self.args[0]
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
 
 
 class UnsupportedOperation(PagedKvError):

@@ -10,7 +10,7 @@ what is cached).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["BlockStored", "BlockRemoved", "AllCleared", "CacheEvent", "CacheEventCallback", "replay"]
@@ -45,9 +45,9 @@ CacheEvent = BlockStored | BlockRemoved | AllCleared
 CacheEventCallback = Callable[[CacheEvent], None]
 
 
-def replay(events, cached: set | None = None) -> set:
+def replay(events: Iterable[CacheEvent], cached: Iterable[Hashable] | None = None) -> set[Hashable]:
     """The set of findable hashes after ``events`` (starting from ``cached``)."""
-    out = set() if cached is None else set(cached)
+    out: set[Hashable] = set() if cached is None else set(cached)
     for event in events:
         if isinstance(event, BlockStored):
             out.add(event.block_hash)

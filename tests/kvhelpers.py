@@ -24,7 +24,7 @@ def snapshot(m: PagedKvCacheManager) -> tuple:
     seqs = tuple(sorted(
         (r, tuple(s.blocks), s.num_tokens, s.state.value, tuple(s.hashes), s.host_blocks,
          None if s.token_ids is None else tuple(s.token_ids))
-        for r, s in m._seqs.items()
+        for r, s in ((s.request_id, s) for s in m.sequences)
     ))
     storage = m.storage
     return (

@@ -506,7 +506,7 @@ def test_swapped_out_sequences_round_trip_bit_exact(tmp_path, dtype):
     loaded = PagedKvCacheManager.load(path)
     loaded.check_invariants()
     assert loaded.get_handle("b").state.value == "swapped" and loaded.stats().host_blocks_used == 3
-    mine, theirs = m._seqs["b"].host.to_numpy(), loaded._seqs["b"].host.to_numpy()
+    mine, theirs = m.sequences.find("b").host.to_numpy(), loaded.sequences.find("b").host.to_numpy()
     for x, y in ((mine.k, theirs.k), (mine.v, theirs.v), (mine.k_scale, theirs.k_scale)):
         np.testing.assert_array_equal(x, y)
     for manager in (m, loaded):
@@ -514,7 +514,7 @@ def test_swapped_out_sequences_round_trip_bit_exact(tmp_path, dtype):
     for rid in m.request_ids():
         for x, y in zip(kv_of(m, rid), kv_of(loaded, rid)):
             np.testing.assert_array_equal(x, y, err_msg=rid)
-    assert loaded._seqs["b"].hashes == m._seqs["b"].hashes and len(m._seqs["b"].hashes) == 2
+    assert loaded.sequences.find("b").hashes == m.sequences.find("b").hashes and len(m.sequences.find("b").hashes) == 2
 
 
 def test_compressed_sequences_round_trip_as_stored(tmp_path):
@@ -524,7 +524,7 @@ def test_compressed_sequences_round_trip_as_stored(tmp_path):
     loaded = PagedKvCacheManager.load(tmp_path / "c.safetensors")
     loaded.check_invariants()
     assert loaded.compression_stats().compressed_caches == 1
-    mine, theirs = m._seqs["b"].host, loaded._seqs["b"].host
+    mine, theirs = m.sequences.find("b").host, loaded.sequences.find("b").host
     assert theirs.k.dtype == np.int8
     for x, y in ((mine.k, theirs.k), (mine.v, theirs.v), (mine.k_scale, theirs.k_scale)):
         np.testing.assert_array_equal(x, y)

@@ -363,7 +363,7 @@ def test_hashes_prefetched_under_an_old_scheme_are_not_reused():
     old_root = m.hasher.root(None)
     old_chain = m.hasher.chain(PROMPT[:28], old_root)
     m.enable_prefix_caching(PrefixCacheConfig(hash_seed=9))
-    m._last_plan = (request, old_root, old_chain)  # what a prefetch racing the change leaves behind
+    m.prefix.remember(request, old_root, old_chain)  # what a prefetch racing the change leaves behind
     m.allocate(request)
-    assert m._seqs["a"].hashes == m.hasher.chain(PROMPT, m.hasher.root(None))
+    assert m.sequences.find("a").hashes == m.hasher.chain(PROMPT, m.hasher.root(None))
     assert not set(old_chain) & set(m.pool.cached)

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidArgument, UnsupportedOperation
 
@@ -46,7 +47,7 @@ def benchmark_paths(root: Path, backends: Sequence[str] = ()) -> list[Path]:
     return paths
 
 
-def markdown_table(report: dict) -> str:
+def markdown_table(report: dict[str, Any]) -> str:
     """One row per benchmark: min / median / mean in ms, rounds, and its extra figures."""
     lines = ["| benchmark | min (ms) | median (ms) | mean (ms) | rounds | figures |",
              "|---|---:|---:|---:|---:|---|"]
@@ -60,7 +61,7 @@ def markdown_table(report: dict) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

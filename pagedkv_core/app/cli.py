@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from .. import __version__
 from ..errors import PagedKvError
@@ -76,7 +77,8 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
 
     dtypes = [d.strip() for opt in args.dtype for d in opt.split(",") if d.strip()]
     check_request(default_registry(), args.backend, args.device, dtypes)  # typos: one line, before pytest
-    return run_conformance(args.backend, args.device, dtypes, args.full, args.pytest_args)
+    exit_code: int = run_conformance(args.backend, args.device, dtypes, args.full, args.pytest_args)
+    return exit_code
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -137,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a pagedkv error is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
     args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func  # set by every subparser (set_defaults)
     try:
-        return args.func(args)
+        return command(args)
     except PagedKvError as exc:
         print(f"pagedkv: error: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,8 @@ class BlockHasher:
 
     @staticmethod
     def _sha256_step(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:
+        if not isinstance(parent, bytes):  # a sha256 chain's parents are its own digests (the root included)
+            raise TypeError(f"sha256 chain parent must be bytes, got {type(parent).__name__}")
         return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
     @staticmethod

@@ -13,7 +13,7 @@ linked list over two int lists, with a sentinel at index ``num_blocks``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 
 from ..errors import InvalidBlock, OutOfBlocks
 from ..events import AllCleared, BlockRemoved, BlockStored, CacheEvent
@@ -140,6 +140,65 @@ class BlockPool:
             self.trim_cached(self.max_cached)
         return freed
 
+    def drop_reference(self, block: int) -> None:
+        """Give up one of several references (copy-on-write moved an owner away); the block stays in use."""
+        if self.ref[block] < 2:
+            raise InvalidBlock(block, self.num_blocks, f"has {self.ref[block]} references, not a shared block")
+        self.ref[block] -= 1
+        self.block_ops += 1
+
+    def relabel(self, mapping: dict[int, int]) -> None:
+        """Defragmentation moved each block ``src`` to the free block ``dst``: move its count and hash too.
+
+        The caller copied the data and rebuilds the free queue after
+        (:meth:`rebuild_free_queue`); every ``dst`` must be free and unhashed.
+        """
+        for src, dst in mapping.items():
+            if self.ref[dst] or self.block_hash[dst] is not None:
+                raise InvalidBlock(dst, self.num_blocks, "a relabel target must be free and unhashed")
+            self.ref[dst], self.ref[src] = self.ref[src], 0
+            block_hash = self.block_hash[src]
+            self.block_hash[dst], self.block_hash[src] = block_hash, None
+            if block_hash is not None:
+                self.cached[block_hash] = dst
+        self.free_cached = {mapping.get(b, b): t for b, t in self.free_cached.items()}
+
+    def check_invariants(self) -> list[str]:
+        """What is wrong with the free queue, the counts and the hash index (empty when all is well).
+
+        Ownership (ref counts against the owners) is the manager's check;
+        this one covers what only the pool can see.
+        """
+        problems: list[str] = []
+        sentinel = self.num_blocks
+        queue: list[int] = []
+        seen: set[int] = set()
+        block = self._next[sentinel]
+        while block != sentinel and len(queue) <= self.num_blocks:
+            if block in seen or not 0 <= block < self.num_blocks:
+                problems.append(f"free queue is corrupt at block {block}")
+                break
+            seen.add(block)
+            queue.append(block)
+            block = self._next[block]
+        expected_free = {b for b in range(self.num_blocks) if self.ref[b] == 0}
+        if seen != expected_free:
+            leaked = sorted(expected_free - seen)[:5]
+            double = sorted(seen - expected_free)[:5]
+            problems.append(f"free queue mismatch: leaked {leaked}, in use but queued {double}")
+        if len(queue) != self.num_free:
+            problems.append(f"free count {self.num_free} but {len(queue)} blocks queued")
+        for block_hash, block in self.cached.items():
+            if self.block_hash[block] != block_hash:
+                problems.append(f"hash index points to block {block} which holds another hash")
+        hashed = sum(h is not None for h in self.block_hash)
+        if hashed != len(self.cached):
+            problems.append(f"{hashed} hashed blocks but {len(self.cached)} index entries")
+        free_cached = {b for b in expected_free if self.block_hash[b] is not None}
+        if set(self.free_cached) != free_cached:
+            problems.append("free cached-block list does not match the free hashed blocks")
+        return problems
+
     def check_id(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:
             raise InvalidBlock(block, self.num_blocks)
@@ -163,7 +222,7 @@ class BlockPool:
             self.on_event(BlockStored(block_hash, parent_hash, self.block_size))
         return True
 
-    def register_chain(self, blocks, hashes, start: int = 0) -> None:
+    def register_chain(self, blocks: Sequence[int], hashes: Sequence[Hashable], start: int = 0) -> None:
         """Register ``blocks[i]`` under ``hashes[i]`` for ``i >= start``, each naming its predecessor as parent."""
         for i in range(start, min(len(blocks), len(hashes))):
             self.register(blocks[i], hashes[i], hashes[i - 1] if i else None)

@@ -182,7 +182,7 @@ class _CheckedIndex(BatchIndex):
     an index reused on a smaller pool, is checked afresh.
     """
 
-    checked: tuple = ()
+    checked: tuple[Any, ...] = ()
 
     def passed(self, num_blocks: int | None, block_size: int | None) -> bool:
         """Whether this index passed the bounds check for that pool (``None, None``: the shape check)."""
@@ -275,7 +275,10 @@ def check_index_bounds(index: BatchIndex, config: CacheConfig) -> BatchIndex:
     """
     if isinstance(index, _CheckedIndex) and index.passed(config.num_blocks, config.block_size):
         return index
-    return _check_values(check_index_shapes(index), config)
+    shaped = check_index_shapes(index)
+    if not isinstance(shaped, _CheckedIndex):  # check_index_shapes always returns one
+        raise TypeError("check_index_shapes returned an unchecked index")
+    return _check_values(shaped, config)
 
 
 def _check_values(index: _CheckedIndex, config: CacheConfig) -> _CheckedIndex:
@@ -475,7 +478,7 @@ class AttentionBase:
         config = self.check_storage(storage)
         index = check_index_bounds(index, config)
         params = check_params(params)
-        extra = {} if params.chunk_size is None else {"chunk_size": params.chunk_size}  # older plans lack it
+        extra: dict[str, Any] = {} if params.chunk_size is None else {"chunk_size": params.chunk_size}
         return self.plan(storage, index.block_tables, index.seq_lens,
                          None if index.is_decode else index.query_start_loc, causal=params.causal,
                          scale=params.scale, sliding_window=params.sliding_window, soft_cap=params.soft_cap, **extra)
@@ -484,17 +487,19 @@ class AttentionBase:
                scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
                chunk_size: int | None = None, sinks: Array | None = None) -> Array:
         """See :meth:`Attention.decode`."""
-        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+        extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}  # older plans lack it
         plan = self.plan(storage, block_tables, seq_lens, None, scale=scale,
                          sliding_window=sliding_window, soft_cap=soft_cap, **extra)
-        return plan.run(q, layer) if sinks is None else plan.run(q, layer, sinks=sinks)
+        options: dict[str, Any] = {} if sinks is None else {"sinks": sinks}  # only backends listing "sinks" take it
+        return plan.run(q, layer, **options)
 
     def prefill(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array,
                 query_start_loc: Array, *, causal: bool = True, scale: float | None = None,
                 sliding_window: int | None = None, soft_cap: float | None = None,
                 chunk_size: int | None = None, sinks: Array | None = None) -> Array:
         """See :meth:`Attention.prefill`."""
-        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+        extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
         plan = self.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
                          sliding_window=sliding_window, soft_cap=soft_cap, **extra)
-        return plan.run(q, layer) if sinks is None else plan.run(q, layer, sinks=sinks)
+        options: dict[str, Any] = {} if sinks is None else {"sinks": sinks}
+        return plan.run(q, layer, **options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..config import CacheConfig
 from .attention import Attention
@@ -80,10 +80,10 @@ class Backend(Protocol):
 
     def create_storage(self, config: CacheConfig, device: str) -> BlockStorage: ...
 
-    def asarray(self, array, device: str, dtype: str | None = None):
+    def asarray(self, array: Any, device: str, dtype: str | None = None) -> Any:
         """Convert a NumPy array to this backend's native array on ``device`` (tests and demos use it)."""
 
-    def to_numpy(self, array):
+    def to_numpy(self, array: Any) -> Any:
         """Convert a native array back to NumPy (bfloat16 as float32)."""
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pluggy
 
+from ..events import CacheEvent
 from .backend import BackendSpec
 
 hookspec = pluggy.HookspecMarker("pagedkv")
@@ -20,10 +23,11 @@ def pagedkv_backends() -> list[BackendSpec]:
     does that when the backend is first used. Each plugin's result is one
     list; the registry flattens them.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations
 
 
 @hookspec
-def pagedkv_cache_event(event, manager) -> None:
+def pagedkv_cache_event(event: CacheEvent, manager: Any) -> None:
     """A prefix-cache change of ``manager``: ``BlockStored``, ``BlockRemoved`` or ``AllCleared``.
 
     Called in order, synchronously, for managers created with

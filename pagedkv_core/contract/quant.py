@@ -10,6 +10,7 @@ is at most ``scale / 2``.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = ["INT8_MAX", "quantize_blocks", "dequantize_blocks"]
 
@@ -26,6 +27,7 @@ def quantize_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8), scale
 
 
-def dequantize_blocks(q: np.ndarray, scale: np.ndarray, dtype: np.dtype | str = np.float32) -> np.ndarray:
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, dtype: DTypeLike = np.float32) -> np.ndarray:
     """Inverse of :func:`quantize_blocks` (up to rounding), in ``dtype``."""
-    return (q.astype(np.float32) * scale[..., None, :, None]).astype(dtype)
+    out: np.ndarray = (q.astype(np.float32) * scale[..., None, :, None]).astype(dtype)
+    return out

@@ -34,8 +34,10 @@ class HostBlocks(Protocol):
     is how blocks cross between backends.
     """
 
-    num_blocks: int
     dtype: str
+
+    @property
+    def num_blocks(self) -> int: ...
 
     @property
     def nbytes(self) -> int: ...
@@ -68,7 +70,7 @@ class NumpyHostBlocks:
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.k_scale is None else self.k_scale.nbytes + self.v_scale.nbytes
+        scales = sum(s.nbytes for s in (self.k_scale, self.v_scale) if s is not None)
         return int(self.k.nbytes + self.v.nbytes + scales)
 
     def wait(self) -> None:

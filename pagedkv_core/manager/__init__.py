@@ -7,7 +7,8 @@ eviction, whole-pool maintenance, persistence, and several devices.
 """
 
 from .facade import PagedKvCacheManager
+from .handle import PagedKvCacheHandle
 from .multi_device import MultiDeviceManager
-from .records import PagedKvCacheHandle, SeqState
+from .records import SeqState
 
 __all__ = ["PagedKvCacheManager", "PagedKvCacheHandle", "SeqState", "MultiDeviceManager"]

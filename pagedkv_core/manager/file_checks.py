@@ -20,18 +20,20 @@ import re
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any, SupportsInt, TypedDict
 
 import numpy as np
 
 from ..blocks.hashing import BlockHasher
-from ..config import CacheConfig
+from ..config import CacheConfig, HashAlgorithm
 from ..dtypes import FLOAT_DTYPES, QUANTIZED_DTYPES
 from ..errors import CorruptCacheFile, IncompatibleCache, InvalidArgument
 from ..memory import BOOKKEEPING_BYTES_PER_BLOCK
 from .safetensors_io import TensorSpec
 
-__all__ = ["SavedSequence", "CheckedRecord", "COMPAT_FIELDS", "check_record", "check_fit", "check_footprint", "check_tensors",
-           "default_max_bytes", "encode_hash", "FILE_DTYPE", "READABLE_VERSIONS", "CONFIG_FIELDS", "STATES"]
+__all__ = ["HashScheme", "SavedSequence", "CheckedRecord", "COMPAT_FIELDS", "check_record", "check_fit",
+           "check_footprint", "check_tensors", "default_max_bytes", "encode_hash", "FILE_DTYPE", "READABLE_VERSIONS",
+           "CONFIG_FIELDS", "STATES"]
 
 READABLE_VERSIONS = (1, 2)  # 2 added swapped sequences ("state") and the int8 tensors of compressed ones
 CONFIG_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "dtype", "num_host_blocks",
@@ -50,6 +52,13 @@ _SHA256_HASH = re.compile(r"h:[0-9a-f]{64}")
 _BUILTIN_HASH = re.compile(r"i:-?[0-9]{1,19}")
 
 
+class HashScheme(TypedDict):
+    """The record's ``hash`` object: the prefix-hash algorithm and seed the saved hashes were made with."""
+
+    algorithm: HashAlgorithm
+    seed: int
+
+
 def _fail(path: object, message: str) -> CorruptCacheFile:
     return CorruptCacheFile(f"{path}: {message}")
 
@@ -65,7 +74,8 @@ def _int(path: object, value: object, what: str, lo: int, hi: int) -> int:
     return value
 
 
-def _object(path: object, value: object, what: str, keys: set[str]) -> dict:
+def _object(path: object, value: object, what: str, keys: set[str]) -> dict[str, Any]:
+    """``value`` as a JSON object with exactly ``keys``; its values are still unchecked (hence ``Any``)."""
     if not isinstance(value, dict):
         raise _fail(path, f"{what} must be an object, got {type(value).__name__}")
     if set(value) != keys:
@@ -74,7 +84,8 @@ def _object(path: object, value: object, what: str, keys: set[str]) -> dict:
     return value
 
 
-def _list(path: object, value: object, what: str) -> list:
+def _list(path: object, value: object, what: str) -> list[Any]:
+    """``value`` as a JSON list; its items are still unchecked (hence ``Any``)."""
     if not isinstance(value, list):
         raise _fail(path, f"{what} must be a list, got {type(value).__name__}")
     return value
@@ -84,7 +95,11 @@ def encode_hash(h: Hashable | None) -> str | None:
     """A block hash as it is stored: ``h:<hex>`` for sha256 digests, ``i:<int>`` for builtin hashes."""
     if h is None:
         return None
-    return "h:" + h.hex() if isinstance(h, bytes) else f"i:{int(h)}"
+    if isinstance(h, bytes):
+        return "h:" + h.hex()
+    if not isinstance(h, (int, SupportsInt)):  # int first: the common case skips the protocol check
+        raise InvalidArgument(f"a block hash is bytes (sha256) or an integer (builtin), got {type(h).__name__}")
+    return f"i:{int(h)}"
 
 
 def _decode_hash(path: object, value: object, what: str, algorithm: str | None) -> Hashable:
@@ -120,7 +135,7 @@ class CheckedRecord:
     """A record whose every field was validated, decoded for restoring."""
 
     config: CacheConfig
-    hash_scheme: dict | None
+    hash_scheme: HashScheme | None
     block_hashes: list[Hashable | None]
     sequences: list[SavedSequence]
     num_int8_blocks: int
@@ -148,14 +163,15 @@ def check_config(path: object, raw: object) -> CacheConfig:
         raise _fail(path, f"config: {exc}") from None
 
 
-def _check_scheme(path: object, raw: object) -> dict | None:
+def _check_scheme(path: object, raw: object) -> HashScheme | None:
     if raw is None:
         return None
     scheme = _object(path, raw, "hash", {"algorithm", "seed"})
-    if scheme["algorithm"] not in ("sha256", "builtin"):
-        raise _fail(path, f"hash.algorithm must be 'sha256' or 'builtin', got {_show(scheme['algorithm'])}")
-    _int(path, scheme["seed"], "hash.seed", 1 - 10**40, 10**40 - 1)  # any seed JSON integers of 40 digits hold
-    return scheme
+    algorithm = scheme["algorithm"]
+    if algorithm not in ("sha256", "builtin"):
+        raise _fail(path, f"hash.algorithm must be 'sha256' or 'builtin', got {_show(algorithm)}")
+    seed = _int(path, scheme["seed"], "hash.seed", 1 - 10**40, 10**40 - 1)  # any seed JSON integers of 40 digits hold
+    return HashScheme(algorithm=algorithm, seed=seed)
 
 
 def _check_tokens(path: object, raw: object, what: str, num_tokens: int) -> tuple[int, ...] | None:
@@ -200,7 +216,7 @@ def _check_sequence(path: object, raw: object, version: int, c: CacheConfig, alg
     return SavedSequence(rid, state, tokens, tuple(blocks), priority, cached, dropped, token_ids, root, hashes)
 
 
-def _check_registered(path: object, block_hashes: list, seqs: list[SavedSequence]) -> None:
+def _check_registered(path: object, block_hashes: list[Hashable | None], seqs: list[SavedSequence]) -> None:
     """A running sequence's full blocks are registered under its own chain's hashes, or not at all."""
     for s in seqs:
         for i, h in enumerate(s.hashes if s.state == "running" else ()):
@@ -208,7 +224,8 @@ def _check_registered(path: object, block_hashes: list, seqs: list[SavedSequence
                 raise _fail(path, f"{s.request_id}: block {i} registered under another hash")
 
 
-def _check_ownership(path: object, c: CacheConfig, block_hashes: list, seqs: list[SavedSequence]) -> int:
+def _check_ownership(path: object, c: CacheConfig, block_hashes: list[Hashable | None],
+                     seqs: list[SavedSequence]) -> int:
     """Check that blocks are owned as a live manager owns them; return the number of int8 blocks."""
     n = len(block_hashes)
     shared: Counter[int] = Counter()  # main blocks of running sequences (shared between forks)
@@ -242,7 +259,7 @@ def check_record(path: object, record: object) -> CheckedRecord:
     c = check_config(path, r["config"])
     scheme = _check_scheme(path, r["hash"])
     algorithm = None if scheme is None else scheme["algorithm"]
-    hasher = None if scheme is None else BlockHasher(c.block_size, algorithm, scheme["seed"])
+    hasher = None if scheme is None else BlockHasher(c.block_size, scheme["algorithm"], scheme["seed"])
     raw_hashes = _list(path, r["block_hashes"], "block_hashes")
     if len(raw_hashes) > c.num_blocks + c.num_host_blocks:
         raise _fail(path, f"{len(raw_hashes)} saved blocks, more than its config holds")
@@ -297,7 +314,8 @@ def check_footprint(c: CacheConfig, max_bytes: int | None) -> None:
 def expected_tensors(saved: CheckedRecord) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     c = saved.config
     blocks = (c.num_layers, saved.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
-    out = {"k": (np.dtype(FILE_DTYPE[c.dtype]), blocks), "v": (np.dtype(FILE_DTYPE[c.dtype]), blocks)}
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+        "k": (np.dtype(FILE_DTYPE[c.dtype]), blocks), "v": (np.dtype(FILE_DTYPE[c.dtype]), blocks)}
     if c.quantized:
         out["k_scale"] = out["v_scale"] = (np.dtype(np.float32), blocks[:2] + (c.num_kv_heads,))
     if saved.num_int8_blocks:

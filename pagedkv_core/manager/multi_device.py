@@ -18,7 +18,7 @@ from ..interfaces import MultiDeviceCacheManager
 from ..policy.pressure import MemoryPressure, PressureCallback
 from ..stats import CacheGcStats, CacheManagerStats
 from .facade import PagedKvCacheManager
-from .records import PagedKvCacheHandle
+from .handle import PagedKvCacheHandle
 
 __all__ = ["MultiDeviceManager"]
 
@@ -70,7 +70,7 @@ class MultiDeviceManager(MultiDeviceCacheManager):
             return request.request_id not in self._where and any(
                 m.can_allocate(request) for m in self.managers.values())
 
-    def extend(self, request_id: str, additional_tokens: int, token_ids=None) -> None:
+    def extend(self, request_id: str, additional_tokens: int, token_ids: Seq[int] | None = None) -> None:
         self._manager_of(request_id).extend(request_id, additional_tokens, token_ids)
 
     def deallocate(self, request_id: str) -> None:
@@ -97,7 +97,7 @@ class MultiDeviceManager(MultiDeviceCacheManager):
             if self._where[request_id] == target_device:
                 return
             target = self.managers[target_device]
-            blocks = len(source._running(request_id).blocks)
+            blocks = len(source.sequences.running(request_id).blocks)
             if not target.can_import(blocks):
                 raise OutOfBlocks(blocks, target.pool.num_free)
             record, host = source.export_sequence(request_id)

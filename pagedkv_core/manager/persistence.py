@@ -26,9 +26,10 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from ..config import CacheConfig
 from ..contract.storage import NumpyHostBlocks
@@ -47,6 +48,7 @@ from .file_checks import (
     CONFIG_FIELDS,
     FILE_DTYPE,
     CheckedRecord,
+    HashScheme,
     SavedSequence,
     check_fit,
     check_footprint,
@@ -66,12 +68,18 @@ FORMAT_VERSION = 2
 _PORTABLE = {"bfloat16": np.float32, "float8_e4m3fn": np.float32}  # how NumpyHostBlocks carries these dtypes
 
 
-def _feed(digest, record_json: str, tensors: dict[str, np.ndarray]) -> None:
+class _Digest(Protocol):
+    """What :func:`_feed` writes into: a ``hashlib`` hash or an ``hmac.HMAC``."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+def _feed(digest: _Digest, record_json: str, tensors: dict[str, np.ndarray]) -> None:
     digest.update(record_json.encode("utf-8", "surrogatepass"))
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.reshape(-1).view(np.uint8))  # the bytes, without a copy
+        digest.update(array.reshape(-1).view(np.uint8).data)  # the bytes, without a copy
 
 
 def _checksum(record_json: str, tensors: dict[str, np.ndarray]) -> str:
@@ -121,7 +129,7 @@ def _concat(parts: list[NumpyHostBlocks], empty: NumpyHostBlocks) -> NumpyHostBl
                            np.concatenate([p.v_scale for p in parts], axis=1) if scales else None)
 
 
-def _empty(c: CacheConfig, dtype, scales: bool) -> NumpyHostBlocks:
+def _empty(c: CacheConfig, dtype: npt.DTypeLike, scales: bool) -> NumpyHostBlocks:
     k = np.zeros((c.num_layers, 0, c.block_size, c.num_kv_heads, c.head_dim), dtype)
     s = np.zeros((c.num_layers, 0, c.num_kv_heads), np.float32) if scales else None
     return NumpyHostBlocks(k, k.copy(), c.dtype, s, None if s is None else s.copy())
@@ -130,7 +138,7 @@ def _empty(c: CacheConfig, dtype, scales: bool) -> NumpyHostBlocks:
 def _host_copy(seq: Sequence, like: NumpyHostBlocks) -> NumpyHostBlocks:
     """A swapped sequence's host blocks in portable form, checked to concatenate with ``like`` bit-exactly."""
     seq.host.wait()
-    host = seq.host.to_numpy()
+    host: NumpyHostBlocks = seq.host.to_numpy()
     ok = host.k.dtype == like.k.dtype and (host.k_scale is None) == (like.k_scale is None)
     if not ok or host.num_blocks != seq.host_blocks:
         raise UnsupportedOperation(f"cannot save {seq.request_id!r}: its host copy is {host.k.dtype} "
@@ -138,14 +146,15 @@ def _host_copy(seq: Sequence, like: NumpyHostBlocks) -> NumpyHostBlocks:
     return host
 
 
-def _hashes_of(seq: Sequence, algorithm: str | None) -> tuple[str | None, list]:
+def _hashes_of(seq: Sequence, algorithm: str | None) -> tuple[str | None, list[str | None]]:
     """The root and chain to save: none when they were made under another hash algorithm than today's."""
     if algorithm is None or seq.root is None or isinstance(seq.root, bytes) != (algorithm == "sha256"):
         return None, []
     return encode_hash(seq.root), [encode_hash(h) for h in seq.hashes]
 
 
-def _snapshot(manager: PagedKvCacheManager, seqs: list[Sequence]) -> tuple[list[dict], list[int], dict]:
+def _snapshot(manager: PagedKvCacheManager,
+              seqs: list[Sequence]) -> tuple[list[dict[str, object]], list[int], dict[str, np.ndarray]]:
     """The record's sequences, the device blocks saved, and the file's tensors (under the manager's lock)."""
     c = manager.config
     algorithm = None if manager.prefix_config is None else manager.prefix_config.hash_algorithm
@@ -164,12 +173,14 @@ def _snapshot(manager: PagedKvCacheManager, seqs: list[Sequence]) -> tuple[list[
         main_like = device.to_numpy()
         main.append(main_like)
     int8_like, int8 = _empty(c, np.int8, True), []
-    rows, n_main, n_int8 = [], len(blocks), 0
+    rows: list[dict[str, object]] = []
+    n_main, n_int8 = len(blocks), 0
     for seq in seqs:
         root, hashes = _hashes_of(seq, algorithm)
-        row = {"request_id": seq.request_id, "num_tokens": seq.num_tokens, "priority": seq.priority,
-               "cached_tokens": seq.cached_tokens, "dropped_tokens": seq.dropped_tokens, "token_ids": seq.token_ids,
-               "root": root, "hashes": hashes}
+        row: dict[str, object] = {
+            "request_id": seq.request_id, "num_tokens": seq.num_tokens, "priority": seq.priority,
+            "cached_tokens": seq.cached_tokens, "dropped_tokens": seq.dropped_tokens, "token_ids": seq.token_ids,
+            "root": root, "hashes": hashes}
         if seq.state is SeqState.RUNNING:
             row.update(state="running", blocks=[index[b] for b in seq.blocks])
         elif seq.host_lossy:  # compressed from a float pool: int8 values and scales, kept as they are
@@ -194,7 +205,7 @@ def _block_hash(manager: PagedKvCacheManager, block: int) -> str | None:
     return encode_hash(h)
 
 
-def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike, sequences: Seq[str] | None = None, *,
+def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike[str], sequences: Seq[str] | None = None, *,
                hmac_key: bytes | None = None) -> int:
     """Write the given sequences (all if None), running or swapped out, to ``path``; return the blocks saved.
 
@@ -203,11 +214,11 @@ def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike, sequences:
     With ``hmac_key`` the file is signed (see :func:`read_cache`).
     """
     key = _check_key(hmac_key)
-    with manager._lock:
-        rids = list(manager._seqs) if sequences is None else list(sequences)
+    with manager.lock:
+        rids = manager.sequences.ids() if sequences is None else list(sequences)
         if len(set(rids)) != len(rids):
             raise InvalidArgument("a request id appears twice in sequences")
-        seqs = [manager._sequence(r) for r in rids]
+        seqs = [manager.sequences.find(r) for r in rids]
         rows, blocks, tensors = _snapshot(manager, seqs)
         c, prefix = manager.config, manager.prefix_config
         record = {
@@ -229,11 +240,12 @@ def save_cache(manager: PagedKvCacheManager, path: str | os.PathLike, sequences:
 class SavedCache:
     """A validated saved cache: config, decoded sequences and host blocks, ready to restore."""
 
-    def __init__(self, checked: CheckedRecord, record: dict, host: NumpyHostBlocks,
+    def __init__(self, checked: CheckedRecord, record: object, host: NumpyHostBlocks,
                  int8: NumpyHostBlocks | None = None) -> None:
         self.config: CacheConfig = checked.config
-        self.record, self.host, self.int8 = record, host, int8
-        self.hash_scheme: dict | None = checked.hash_scheme
+        self.record = record  # the parsed JSON, as read (``checked`` holds its validated, decoded form)
+        self.host, self.int8 = host, int8
+        self.hash_scheme: HashScheme | None = checked.hash_scheme
         self.block_hashes = checked.block_hashes
         self.sequences: list[SavedSequence] = checked.sequences
 
@@ -241,6 +253,14 @@ class SavedCache:
     def num_blocks(self) -> int:
         """Blocks in the file's ``k``/``v`` tensors."""
         return len(self.block_hashes)
+
+    def host_of(self, s: SavedSequence) -> NumpyHostBlocks:
+        """The tensors ``s.blocks`` index: the int8 ones for a compressed sequence, else ``k``/``v``."""
+        if s.state != "compressed":
+            return self.host
+        if self.int8 is None:  # read_cache reads the int8 tensors whenever the record has compressed sequences
+            raise CorruptCacheFile(f"{s.request_id}: compressed, but the file holds no int8 blocks")
+        return self.int8
 
 
 def _host_blocks(config: CacheConfig, tensors: dict[str, np.ndarray], prefix: str = "") -> NumpyHostBlocks:
@@ -251,7 +271,7 @@ def _host_blocks(config: CacheConfig, tensors: dict[str, np.ndarray], prefix: st
     return NumpyHostBlocks(k, v, dtype, tensors.get(f"k{prefix}_scale"), tensors.get(f"v{prefix}_scale"))
 
 
-def read_cache(path: str | os.PathLike, *, target: CacheConfig | None = None, hmac_key: bytes | None = None,
+def read_cache(path: str | os.PathLike[str], *, target: CacheConfig | None = None, hmac_key: bytes | None = None,
                max_bytes: int | None = None) -> SavedCache:
     """Read and validate everything in ``path`` before allocating for its tensors.
 
@@ -307,7 +327,7 @@ def _check_scheme(saved: SavedCache, manager: PagedKvCacheManager) -> None:
 def _check_restorable(saved: SavedCache, manager: PagedKvCacheManager, running: list[int]) -> None:
     """Every reason ``restore`` could fail, checked before anything changes."""
     for s in saved.sequences:
-        if s.request_id in manager._seqs:
+        if s.request_id in manager.sequences:
             raise SequenceExists(s.request_id)
     _check_scheme(saved, manager)
     for field in COMPAT_FIELDS:
@@ -315,22 +335,22 @@ def _check_restorable(saved: SavedCache, manager: PagedKvCacheManager, running: 
         if mine != theirs:
             raise IncompatibleCache(f"saved {field}={theirs!r}, this manager has {mine!r}")
     widest = max((len(s.blocks) for s in saved.sequences), default=0)
-    if widest > manager.tables.max_width:
+    if widest > manager.sequences.max_width:
         raise IncompatibleCache(f"a saved sequence has {widest} blocks, "
-                                f"this manager's tables hold {manager.tables.max_width}")
+                                f"this manager's tables hold {manager.sequences.max_width}")
     if len(running) > manager.pool.num_free:
         raise OutOfBlocks(len(running), manager.pool.num_free)
     host = sum(len(s.blocks) for s in saved.sequences if s.state != "running")
-    if host > manager.host_capacity - manager.host_used:
-        raise OutOfHostBlocks(host, manager.host_capacity - manager.host_used)
+    if host > manager.host_tier.room:
+        raise OutOfHostBlocks(host, manager.host_tier.room)
 
 
 def restore(manager: PagedKvCacheManager, saved: SavedCache) -> None:
     """Recreate the saved sequences (sharing, prefix hashes, swapped ones on the host tier) in ``manager``."""
-    with manager._mutating():
+    with manager.mutating():
         running = sorted({b for s in saved.sequences if s.state == "running" for b in s.blocks})
         _check_restorable(saved, manager, running)
-        device = dict(zip(running, manager._blocks_from_host(_subset(saved.host, running))))
+        device = dict(zip(running, manager.host_tier.blocks_from_host(_subset(saved.host, running))))
         owners = Counter(b for s in saved.sequences if s.state == "running" for b in s.blocks)
         for i, count in owners.items():
             for _ in range(count - 1):
@@ -339,27 +359,29 @@ def restore(manager: PagedKvCacheManager, saved: SavedCache) -> None:
             _restore_sequence(manager, saved, s, device)
 
 
-def _restore_sequence(manager: PagedKvCacheManager, saved: SavedCache, s: SavedSequence, device: dict) -> None:
-    cacheable = manager.hasher is not None and s.token_ids is not None and s.root is not None
+def _restore_sequence(manager: PagedKvCacheManager, saved: SavedCache, s: SavedSequence,
+                      device: dict[int, int]) -> None:
+    # prefix-cacheable only with a hash scheme here and a root and tokens in the file
+    token_ids = s.token_ids if manager.prefix.hasher is not None and s.root is not None else None
+    cacheable = token_ids is not None
     hashes = list(s.hashes) if cacheable else []
-    row = manager.tables.acquire()
-    seq = Sequence(s.request_id, row, [], s.num_tokens, s.priority, next(manager._arrivals), manager.clock(),
-                   s.root if cacheable else None, token_ids=list(s.token_ids) if cacheable else None, hashes=hashes,
-                   cached_tokens=s.cached_tokens, dropped_tokens=s.dropped_tokens)
+    now = manager.clock()
+    blocks: list[int] = []
+    swapped: dict[str, Any] = {}  # the host-tier fields of a sequence restored swapped out
     if s.state == "running":
-        seq.blocks = [device[i] for i in s.blocks]
+        blocks = [device[i] for i in s.blocks]
         if cacheable:
-            manager.pool.register_chain(seq.blocks, hashes)
+            manager.pool.register_chain(blocks, hashes)
     else:
-        source = saved.int8 if s.state == "compressed" else saved.host
-        seq.state, seq.host, seq.host_blocks = SeqState.SWAPPED, _subset(source, list(s.blocks)), len(s.blocks)
-        seq.host_lossy = s.state == "compressed"
-        manager.host_used += len(s.blocks)
-    manager.tables.set_row(row, seq.blocks, s.num_tokens)
-    manager._seqs[s.request_id] = seq
+        swapped = dict(state=SeqState.SWAPPED, host=_subset(saved.host_of(s), list(s.blocks)),
+                       host_blocks=len(s.blocks), host_lossy=s.state == "compressed")
+        manager.host_tier.hold(len(s.blocks))
+    manager.sequences.add(s.request_id, blocks, s.num_tokens, priority=s.priority, now=now,
+                          root=s.root if cacheable else None, token_ids=None if token_ids is None else list(token_ids),
+                          hashes=hashes, cached_tokens=s.cached_tokens, dropped_tokens=s.dropped_tokens, **swapped)
 
 
-def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike, *,
+def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike[str], *,
                       hmac_key: bytes | None = None) -> int:
     """Add the saved full, hashed blocks to ``manager``'s prefix cache (no sequences); return how many joined."""
     if manager.prefix_config is None:
@@ -367,14 +389,14 @@ def load_prompt_cache(manager: PagedKvCacheManager, path: str | os.PathLike, *,
     saved = read_cache(path, target=manager.config, hmac_key=hmac_key)
     if saved.hash_scheme is None:
         raise IncompatibleCache("the file was saved without prefix hashes")
-    with manager._mutating():
+    with manager.mutating():
         _check_scheme(saved, manager)
         wanted = [i for i, h in enumerate(saved.block_hashes) if h is not None and h not in manager.pool.cached]
         if len(wanted) > manager.pool.num_free:
             raise OutOfBlocks(len(wanted), manager.pool.num_free)
         if not wanted:
             return 0
-        blocks = manager._blocks_from_host(_subset(saved.host, wanted))
+        blocks = manager.host_tier.blocks_from_host(_subset(saved.host, wanted))
         parents = {}
         for s in saved.sequences:
             for i, x in enumerate(s.hashes):

@@ -24,6 +24,7 @@ save left behind, so they never accumulate.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -35,7 +36,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -77,8 +77,10 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate[:60]!r}")
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:60]!r}")
+            seen.add(key)
     return out
 
 
@@ -153,7 +155,7 @@ def _spec(path: object, name: str, info: object, data_size: int) -> TensorSpec:
     return TensorSpec(native, tuple(shape), start, end)
 
 
-def read_header(file: BinaryIO, path: object = "<file>") -> SafetensorsHeader:
+def read_header(file: io.BufferedIOBase, path: object = "<file>") -> SafetensorsHeader:
     """Read and validate the header of the open file ``file``; the tensor data stays unread."""
     size = os.fstat(file.fileno()).st_size
     prefix = file.read(8)
@@ -180,7 +182,7 @@ def read_header(file: BinaryIO, path: object = "<file>") -> SafetensorsHeader:
     return SafetensorsHeader(tensors, metadata, 8 + length, data_size)
 
 
-def read_tensors(file: BinaryIO, header: SafetensorsHeader, path: object = "<file>") -> dict[str, np.ndarray]:
+def read_tensors(file: io.BufferedIOBase, header: SafetensorsHeader, path: object = "<file>") -> dict[str, np.ndarray]:
     """The tensors of a validated header, read in one pass (writable arrays sharing one buffer)."""
     buffer = bytearray(header.data_size)
     file.seek(header.data_start)
@@ -194,7 +196,7 @@ def read_tensors(file: BinaryIO, header: SafetensorsHeader, path: object = "<fil
     return out
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, fully validated."""
     with open(path, "rb") as file:
         header = read_header(file, path)
@@ -253,7 +255,7 @@ def _create_locked(target: Path) -> tuple[int, Path]:
     raise OSError(f"could not create a temporary file beside {target}")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write atomically: ``path`` holds either its old content or the complete new file, never a part.
 
     bfloat16 has no NumPy dtype: callers store it as ``U16`` bit patterns and
@@ -281,7 +283,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
             for array in arrays:
-                f.write(array.reshape(-1).view(np.uint8))
+                f.write(array.reshape(-1).view(np.uint8).data)  # a memoryview of the bytes: no copy
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, target)  # still locked: no other save can take it for a leftover

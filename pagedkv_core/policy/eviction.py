@@ -23,6 +23,7 @@ __all__ = [
     "SequenceInfo",
     "EvictionCandidate",
     "EvictionPolicy",
+    "WindowPolicy",
     "LruPolicy",
     "LfuPolicy",
     "LongestFirstPolicy",
@@ -31,6 +32,8 @@ __all__ = [
     "SlidingWindowPolicy",
     "make_policy",
 ]
+
+SortKey = tuple[float, ...]  # what whole-sequence policies order by (ints are floats to the type checker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,7 @@ class _WholeSequencePolicy:
 
     name = "whole-sequence"
 
-    def sort_key(self, seq: SequenceInfo) -> tuple:
+    def sort_key(self, seq: SequenceInfo) -> SortKey:
         return (seq.last_access, seq.arrival)
 
     def select_eviction_candidates(self, required_blocks: int | None,
@@ -98,7 +101,7 @@ class LfuPolicy(_WholeSequencePolicy):
 
     name = "lfu"
 
-    def sort_key(self, seq: SequenceInfo) -> tuple:
+    def sort_key(self, seq: SequenceInfo) -> SortKey:
         return (seq.access_count, seq.last_access, seq.arrival)
 
 
@@ -107,7 +110,7 @@ class LongestFirstPolicy(_WholeSequencePolicy):
 
     name = "longest-first"
 
-    def sort_key(self, seq: SequenceInfo) -> tuple:
+    def sort_key(self, seq: SequenceInfo) -> SortKey:
         return (-seq.num_tokens, seq.arrival)
 
 
@@ -116,8 +119,16 @@ class PriorityPolicy(_WholeSequencePolicy):
 
     name = "priority"
 
-    def sort_key(self, seq: SequenceInfo) -> tuple:
+    def sort_key(self, seq: SequenceInfo) -> SortKey:
         return (-seq.priority, -seq.arrival)
+
+
+@runtime_checkable
+class WindowPolicy(Protocol):
+    """A policy that cuts blocks out of a sequence (StreamingLLM, sliding window) instead of evicting it."""
+
+    def cut(self, num_tokens: int) -> range:
+        """Logical blocks to remove from a sequence of ``num_tokens`` tokens."""
 
 
 class _WindowPolicy:

@@ -11,16 +11,21 @@ Attach one with :meth:`PagedKvCacheManager.attach_remote`::
     ...  # each step: allocate / append_slots, write K/V, run attention
     remote.commit()  # the step's K/V are written: share the full blocks
 
+Any object with the few members of :class:`CacheHost` can host a connector;
+no module of this package imports the manager.
+
 ``docs/scale-out.md`` describes the key and value formats and the failure behaviour.
 """
 
 from .codec import decode_block, decode_run, encode_blocks
 from .connector import RemoteConnector, RemoteStats
+from .host import CacheHost
 from .layout import LayoutFingerprint, TenantTagger, block_key
 from .tier import BlockTier, FetchResult, KeyValueStore, MemoryStore, RemoteTier
 
 __all__ = [
     "BlockTier",
+    "CacheHost",
     "FetchResult",
     "KeyValueStore",
     "LayoutFingerprint",

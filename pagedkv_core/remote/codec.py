@@ -66,17 +66,19 @@ def _to_wire(values: np.ndarray, dtype: str) -> np.ndarray:
         nan = np.isnan(values)
         if not (nan | (_E4M3[codes] == magnitude)).all():
             raise InvalidArgument("float8_e4m3fn host blocks hold values that float8_e4m3fn cannot represent")
-        codes = np.where(nan, 0x7F, codes) | (np.signbit(values) << 7)
-        return codes.astype(np.uint8)
+        signed: np.ndarray = np.where(nan, 0x7F, codes) | (np.signbit(values) << 7)
+        return signed.astype(np.uint8)
     return np.asarray(values, _WIRE[dtype])
 
 
 def _from_wire(elements: np.ndarray, dtype: str) -> np.ndarray:
     """Canonical elements back to the host form ``NumpyHostBlocks`` uses."""
     if dtype == "bfloat16":
-        return (elements.astype(np.uint32) << 16).view(np.float32)
+        widened: np.ndarray = elements.astype(np.uint32) << 16
+        return widened.view(np.float32)
     if dtype == "float8_e4m3fn":
-        return _E4M3_DECODE[elements]
+        decoded: np.ndarray = _E4M3_DECODE[elements]  # a table lookup per code
+        return decoded
     return elements.astype(elements.dtype.newbyteorder("="), copy=False)
 
 
@@ -128,7 +130,11 @@ def _payload_layout(layout: LayoutFingerprint) -> tuple[tuple[int, ...], np.dtyp
     return shape, wire, 2 * (values + scales), has_scales
 
 
-def decode_block(layout: LayoutFingerprint, block_hash: Hashable, value: bytes):
+# (k, v, k_scale, v_scale) of one block in wire elements; the scales only for quantized dtypes
+DecodedBlock = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def decode_block(layout: LayoutFingerprint, block_hash: Hashable, value: bytes) -> DecodedBlock:
     """``(k, v, k_scale, v_scale)`` of one stored block, or ``CorruptRemoteBlock`` saying what is wrong."""
     shape, wire, payload_size, has_scales = _payload_layout(layout)
     if len(value) < HEADER_SIZE:
@@ -169,7 +175,7 @@ def decode_run(layout: LayoutFingerprint, hashes: Sequence[Hashable],
     The run stops at the first missing or invalid value: a later block is
     useless without every block before it.
     """
-    decoded = []
+    decoded: list[DecodedBlock] = []
     corrupt = 0
     for block_hash, value in zip(hashes, values):
         if value is None:
@@ -184,9 +190,10 @@ def decode_run(layout: LayoutFingerprint, hashes: Sequence[Hashable],
     host_dtype = _HOST_DTYPE.get(layout.dtype, wire.newbyteorder("="))
     k = np.empty((shape[0], n) + shape[1:], host_dtype)
     v = np.empty_like(k)
-    scales = [np.empty((shape[0], n, shape[2]), np.float32) for _ in range(2)] if has_scales else [None, None]
+    k_scale = np.empty((shape[0], n, shape[2]), np.float32) if has_scales else None
+    v_scale = None if k_scale is None else np.empty_like(k_scale)
     for i, (bk, bv, ks, vs) in enumerate(decoded):
         k[:, i], v[:, i] = _from_wire(bk, layout.dtype), _from_wire(bv, layout.dtype)
-        if has_scales:
-            scales[0][:, i], scales[1][:, i] = ks, vs
-    return NumpyHostBlocks(k, v, layout.dtype, *scales), corrupt
+        if k_scale is not None and v_scale is not None:
+            k_scale[:, i], v_scale[:, i] = ks, vs
+    return NumpyHostBlocks(k, v, layout.dtype, k_scale, v_scale), corrupt

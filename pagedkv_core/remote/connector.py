@@ -23,18 +23,18 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..contract.storage import NumpyHostBlocks
+from ..contract.storage import HostBlocks, NumpyHostBlocks
 from ..errors import InvalidArgument, PagedKvError, RemoteTierError
+from .host import CacheHost
 from .tier import RemoteTier
 
-if TYPE_CHECKING:
-    from ..manager.facade import PagedKvCacheManager
-
 __all__ = ["Prefetched", "RemoteConnector", "RemoteStats"]
+
+_Item = tuple[bytes, Hashable]  # (tenant tag, block hash): one block as the server knows it
+_WriteJob = tuple[list[_Item], HostBlocks]  # blocks copied out by a commit, for the writer thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Prefetched:
 
     root: Hashable
     start: int
-    hashes: list
+    hashes: list[Hashable]
     host: NumpyHostBlocks
 
 
@@ -72,11 +72,11 @@ class _KnownSet:
     """Recently seen (tag, hash) pairs present on the server, so they are not written twice."""
 
     def __init__(self, capacity: int) -> None:
-        self._items: OrderedDict = OrderedDict()
+        self._items: OrderedDict[_Item, None] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def add(self, items) -> None:
+    def add(self, items: Iterable[_Item]) -> None:
         with self._lock:
             for item in items:
                 self._items[item] = None
@@ -84,12 +84,12 @@ class _KnownSet:
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
-    def discard(self, items) -> None:
+    def discard(self, items: Iterable[_Item]) -> None:
         with self._lock:
             for item in items:
                 self._items.pop(item, None)
 
-    def __contains__(self, item) -> bool:
+    def __contains__(self, item: object) -> bool:
         with self._lock:
             return item in self._items
 
@@ -97,11 +97,12 @@ class _KnownSet:
 class RemoteConnector:
     """The manager's link to a :class:`RemoteTier` (see the module docstring for the protocol).
 
-    ``agree`` reduces an int over tensor-parallel ranks (minimum): every rank
-    then loads the same number of blocks, keeping the ranks' managers equal.
+    ``manager`` is any :class:`~.host.CacheHost` (the reference manager is
+    one). ``agree`` reduces an int over tensor-parallel ranks (minimum): every
+    rank then loads the same number of blocks, keeping the ranks' managers equal.
     """
 
-    def __init__(self, manager: PagedKvCacheManager, tier: RemoteTier, *, max_queued_blocks: int = 1024,
+    def __init__(self, manager: CacheHost, tier: RemoteTier, *, max_queued_blocks: int = 1024,
                  put_batch_blocks: int = 64, retry_interval: float = 5.0,
                  agree: Callable[[int], int] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if max_queued_blocks < 1 or put_batch_blocks < 1 or retry_interval < 0:
@@ -112,7 +113,7 @@ class RemoteConnector:
         self.retry_interval, self.agree, self.clock = retry_interval, agree, clock
         self._pending: list[tuple[Hashable, Hashable]] = []  # (chain root, block hash) noted since the last commit
         self._known = _KnownSet(1 << 16)
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue[_WriteJob | None] = queue.Queue()  # None stops the writer
         self._queued = 0
         self._down_until = float("-inf")
         self._counts = dict.fromkeys(("lookups", "blocks_queried", "hit_blocks", "corrupt_values", "errors",
@@ -142,7 +143,7 @@ class RemoteConnector:
         """
         manager = self.manager
         limit = len(chain)
-        if not limit or manager.config.block_size * limit < manager.prefix_config.min_prefix_length:
+        if not limit or not self._worth_loading(limit):
             return None
         cached = manager.pool.cached  # read without the lock: a stale view only costs hits
         start = next((i for i, h in enumerate(chain) if h not in cached), limit)
@@ -165,10 +166,10 @@ class RemoteConnector:
         if self.agree is not None:  # every rank takes this path alike: their managers are equal
             valid = self.agree(valid)
         self._count(lookups=1, blocks_queried=len(wanted))
-        if not valid:
+        if not valid or fetched is None:  # ``agree`` is a minimum: no rank loads what this one lacks
             return None
         self._known.add((tag, h) for h in wanted[:valid])
-        return Prefetched(root, start, wanted[:valid], fetched.host)
+        return Prefetched(root, start, list(wanted[:valid]), fetched.host)
 
     def fill(self, prefetched: Prefetched | None, first: int, hashes: Sequence[Hashable],
              block_ids: Sequence[int]) -> int:
@@ -185,11 +186,11 @@ class RemoteConnector:
         if offset < 0 or count <= 0 or list(prefetched.hashes[offset:offset + count]) != list(
                 hashes[first:first + count]):
             return 0
-        if self.manager.config.block_size * (first + count) < self.manager.prefix_config.min_prefix_length:
+        if not self._worth_loading(first + count):
             return 0
         host = _subset(prefetched.host, slice(offset, offset + count))
         try:
-            self.manager.storage.swap_in(host, list(block_ids[:count]))
+            self.manager.storage.swap_in(host, list(block_ids[:count]))  # every backend takes NumpyHostBlocks
         except PagedKvError:  # the storage refused the blocks: compute them instead
             self._count(errors=1)
             return 0
@@ -207,10 +208,11 @@ class RemoteConnector:
         manager = self.manager
         if self._closed:
             raise InvalidArgument("this remote connector was closed")
-        with manager._lock:
+        with manager.lock:
             pending, self._pending = self._pending, []
             cached, tag_for = manager.pool.cached, self.tier.tagger.for_root
-            blocks, items = [], []
+            blocks: list[int] = []
+            items: list[_Item] = []
             for root, block_hash in pending:
                 tag = tag_for(root)
                 block = cached.get(block_hash)
@@ -265,15 +267,13 @@ class RemoteConnector:
             self.flush(timeout)
             self._queue.put(None)
             self._writer.join(timeout)
-        with self.manager._lock:
-            if self.manager.remote is self:
-                self.manager.remote = None
+        self.manager.detach_remote(self)
         self.tier.close()
 
     def __enter__(self) -> RemoteConnector:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- internals ------------------------------------------------------------------------------
@@ -282,6 +282,14 @@ class RemoteConnector:
         with self._counts_lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
+
+    def _worth_loading(self, num_blocks: int) -> bool:
+        """Whether a prefix of ``num_blocks`` blocks reaches the host's ``min_prefix_length``.
+
+        Never while the host's prefix caching is off: remote keys are prefix hashes.
+        """
+        prefix = self.manager.prefix_config
+        return prefix is not None and self.manager.config.block_size * num_blocks >= prefix.min_prefix_length
 
     def _available(self) -> bool:
         return self.clock() >= self._down_until
@@ -296,13 +304,13 @@ class RemoteConnector:
             written: set[int] = set()
             try:
                 host.wait()
-                host = host.to_numpy()
+                portable = host.to_numpy()
                 for start in range(0, len(items), self.put_batch_blocks):
                     if not self._available():
                         self._count(unavailable_skips=1)
                         break
                     for tag, hashes, index in _by_tag(items, start, self.put_batch_blocks):
-                        sent = self.tier.put(tag, hashes, _subset(host, index))
+                        sent = self.tier.put(tag, hashes, _subset(portable, index))
                         self._count(put_blocks=len(hashes), put_bytes=sent)
                         written.update(index)
             except RemoteTierError:
@@ -317,9 +325,9 @@ class RemoteConnector:
                     self._counts["dropped_blocks"] += len(items) - len(written)
 
 
-def _by_tag(items: list[tuple[bytes, Hashable]], start: int, count: int):
+def _by_tag(items: list[_Item], start: int, count: int) -> list[tuple[bytes, list[Hashable], list[int]]]:
     """``items[start:start + count]`` grouped by tag: ``(tag, hashes, their indices in items)``."""
-    groups: dict[bytes, tuple[list, list]] = {}
+    groups: dict[bytes, tuple[list[Hashable], list[int]]] = {}
     for i in range(start, min(start + count, len(items))):
         tag, block_hash = items[i]
         hashes, index = groups.setdefault(tag, ([], []))
@@ -328,7 +336,8 @@ def _by_tag(items: list[tuple[bytes, Hashable]], start: int, count: int):
     return [(tag, hashes, index) for tag, (hashes, index) in groups.items()]
 
 
-def _subset(host: NumpyHostBlocks, index) -> NumpyHostBlocks:
-    def pick(a):
-        return (None if a is None else a[:, index])
-    return NumpyHostBlocks(pick(host.k), pick(host.v), host.dtype, pick(host.k_scale), pick(host.v_scale))
+def _subset(host: NumpyHostBlocks, index: slice | list[int]) -> NumpyHostBlocks:
+    """The blocks ``index`` of ``host`` (axis 1 of every array)."""
+    return NumpyHostBlocks(host.k[:, index], host.v[:, index], host.dtype,
+                           None if host.k_scale is None else host.k_scale[:, index],
+                           None if host.v_scale is None else host.v_scale[:, index])

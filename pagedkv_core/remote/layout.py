@@ -25,9 +25,13 @@ import hmac
 import json
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, SupportsInt
 
 from ..blocks.hashing import BlockHasher
 from ..errors import IncompatibleCache, InvalidArgument
+
+if TYPE_CHECKING:  # the host protocol imports the connector, which imports this module
+    from .host import CacheHost
 
 __all__ = ["KEY_PREFIX", "PAYLOAD_VERSION", "LayoutFingerprint", "TenantTagger", "encode_block_hash", "block_key"]
 
@@ -64,16 +68,18 @@ class LayoutFingerprint:
                                   f"got {self.head_shard}")
 
     @classmethod
-    def for_manager(cls, manager, model_id: str, head_shard: tuple[int, int] = (0, 1)) -> LayoutFingerprint:
+    def for_manager(cls, manager: CacheHost, model_id: str,
+                    head_shard: tuple[int, int] = (0, 1)) -> LayoutFingerprint:
         """The fingerprint of ``manager``'s blocks (prefix caching must be on: keys are its hashes)."""
         prefix = manager.prefix_config
         if prefix is None:
             raise IncompatibleCache("a remote tier needs prefix caching: its keys are the prefix hashes")
         c = manager.config
+        rank, world = head_shard  # a list is accepted too: the fingerprint holds a tuple
         return cls(model_id, c.dtype, c.num_layers, c.num_kv_heads, c.head_dim, c.block_size,
-                   prefix.hash_algorithm, prefix.hash_seed, tuple(head_shard))
+                   prefix.hash_algorithm, prefix.hash_seed, (rank, world))
 
-    def check_manager(self, manager) -> None:
+    def check_manager(self, manager: CacheHost) -> None:
         """Raise ``IncompatibleCache`` unless ``manager``'s blocks have exactly this layout."""
         mine = LayoutFingerprint.for_manager(manager, self.model_id, self.head_shard)
         if mine != self:
@@ -122,6 +128,9 @@ def encode_block_hash(block_hash: Hashable) -> bytes:
     """A chain hash as key text: hex of a sha256 digest, or ``i`` + 16 hex digits of a builtin 64-bit hash."""
     if isinstance(block_hash, bytes):
         return block_hash.hex().encode()
+    if not isinstance(block_hash, (int, SupportsInt)):  # int first: the common case skips the protocol check
+        raise InvalidArgument(f"a block hash is bytes (sha256) or an integer (builtin), "
+                              f"got {type(block_hash).__name__}")
     return b"i%016x" % (int(block_hash) & 0xFFFF_FFFF_FFFF_FFFF)
 
 

@@ -12,12 +12,14 @@ dead server must turn into a quick miss, not a stalled admission.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..errors import RemoteTierError
 
 __all__ = ["RedisStore"]
+
+_T = TypeVar("_T")
 
 
 _COUNT_LEADING = """
@@ -46,7 +48,7 @@ class RedisStore:
         if (url is None) == (client is None):
             raise RemoteTierError("give exactly one of url and client")
         self._errors = (redis.exceptions.RedisError, OSError)
-        if client is None:
+        if url is not None:  # exactly one of url and client was given
             try:
                 client = redis.Redis.from_url(
                     url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
@@ -60,7 +62,8 @@ class RedisStore:
         self._scripting = True  # until the server refuses scripts (disabled, or no permission)
         self._script_errors = (redis.exceptions.ResponseError, redis.exceptions.NoPermissionError)
 
-    def _call(self, operation, *args):
+    def _call(self, operation: Callable[..., _T], *args: Any) -> _T:
+        """``operation(*args)``, with any client or socket error turned into :class:`RemoteTierError`."""
         try:
             return operation(*args)
         except self._errors as exc:
@@ -84,7 +87,7 @@ class RedisStore:
 
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
         """One pipelined ``EXISTS`` per key (the probe where scripting is off)."""
-        def run():
+        def run() -> list[bool]:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.exists(key)
@@ -98,7 +101,7 @@ class RedisStore:
     def put_many(self, items: Sequence[tuple[bytes, bytes]], ttl_seconds: float | None = None) -> None:
         px = None if ttl_seconds is None else max(1, int(ttl_seconds * 1000))
 
-        def run():
+        def run() -> None:
             pipe = self.client.pipeline(transaction=False)
             for key, value in items:
                 pipe.set(key, value, px=px)
@@ -111,7 +114,7 @@ class RedisStore:
         self._call(lambda: self.client.set(key, value, nx=True))
 
     def delete_matching(self, pattern: bytes) -> int:
-        def run():
+        def run() -> int:
             deleted, batch = 0, []
             for key in self.client.scan_iter(match=pattern, count=self.delete_batch):
                 batch.append(key)

@@ -171,9 +171,10 @@ class BlockTier:
         return self.store.count_leading(self.keys(tag, hashes))
 
     def fetch(self, tag: bytes, hashes: Sequence[Hashable]) -> FetchResult:
-        values = self.store.get_many(self.keys(tag, hashes)) if hashes else []
+        values: list[bytes | None] = self.store.get_many(self.keys(tag, hashes)) if hashes else []
         host, corrupt = decode_run(self.layout, hashes, values)
-        return FetchResult(host, corrupt, sum(len(v) for v in values[:host.num_blocks]))
+        # the run's values are all present (it stops at the first missing one)
+        return FetchResult(host, corrupt, sum(len(v) for v in values[:host.num_blocks] if v is not None))
 
     def put(self, tag: bytes, hashes: Sequence[Hashable], host: NumpyHostBlocks) -> int:
         if not self._described:  # operators can read what a fingerprint stands for

@@ -362,6 +362,10 @@ class PagedCache(_cache_utils.Cache):
     def batch_size(self) -> int:
         return len(self._rids) if self._rids else -1
 
+    def layer_length(self, layer_idx: int) -> int:
+        """Padded positions layer ``layer_idx`` has written (its layer object's ``get_seq_length``)."""
+        return self._layer_lens[layer_idx]
+
     @property
     def request_ids(self) -> tuple[str, ...]:
         """The manager's request id of each row."""

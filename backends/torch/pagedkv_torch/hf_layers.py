@@ -94,7 +94,7 @@ class PagedLayer(_cache_utils.CacheLayerMixin):
         return self.cache.update(key_states, value_states, self.layer_idx)
 
     def get_seq_length(self) -> int:
-        return self.cache._layer_lens[self.layer_idx]
+        return self.cache.layer_length(self.layer_idx)
 
     def get_max_length(self) -> int:
         return -1 if self.sliding_window is None else self.sliding_window

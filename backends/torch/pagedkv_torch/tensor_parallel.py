@@ -39,7 +39,14 @@ import torch
 import torch.distributed as dist
 
 from pagedkv_core.config import CacheConfig
-from pagedkv_core.contract.attention import Attention, AttentionBase, AttentionParams, AttentionPlan, BatchIndex
+from pagedkv_core.contract.attention import (
+    Attention,
+    AttentionBase,
+    AttentionParams,
+    AttentionPlan,
+    BatchIndex,
+    check_sinks,
+)
 from pagedkv_core.errors import InvalidArgument, RanksDiverged, ShapeMismatch
 
 if TYPE_CHECKING:
@@ -155,14 +162,27 @@ class TensorParallelPlan:
         self.shard = shard
         self.group = group
 
-    def run(self, q_local: torch.Tensor, layer: int) -> torch.Tensor:
-        """``q_local [tokens, local_q_heads, head_dim]`` -> ``[tokens, num_q_heads, head_dim]``, heads in rank order."""
+    def run(self, q_local: torch.Tensor, layer: int, *, sinks: Any = None) -> torch.Tensor:
+        """``q_local [tokens, local_q_heads, head_dim]`` -> ``[tokens, num_q_heads, head_dim]``, heads in rank order.
+
+        ``sinks``: the layer's sink logits for *all* ``num_q_heads`` (the
+        model's parameter as loaded, the same on every rank; host NumPy or a
+        tensor); each rank passes its own heads' slice (``shard.q_slice``) to
+        the wrapped plan, which checks the values. All heads rather than a
+        local slice, because a ``[local_q_heads]`` array could not be told
+        from a misplaced one.
+        """
         shard = self.shard
         if len(q_local.shape) != 3 or q_local.shape[1] != shard.local_q_heads:
             # the wrapped attention would accept all heads too (GQA) and silently pair them with the wrong KV heads
             raise ShapeMismatch(f"q_local must hold this rank's {shard.local_q_heads} query heads "
                                 f"[tokens, {shard.local_q_heads}, head_dim], got {tuple(q_local.shape)}")
-        out = self.plan.run(q_local, layer).contiguous()
+        if sinks is None:
+            out = self.plan.run(q_local, layer)
+        else:
+            check_sinks(tuple(getattr(sinks, "shape", ())), shard.num_q_heads)
+            out = self.plan.run(q_local, layer, sinks=sinks[shard.q_slice])
+        out = out.contiguous()
         if shard.world_size == 1:
             return out
         parts = [torch.empty_like(out) for _ in range(shard.world_size)]
@@ -178,7 +198,8 @@ class TensorParallelAttention(AttentionBase):
     ``decode(q_local, storage, layer, block_tables, seq_lens, **kw)`` and
     ``prefill(q_local, ..., query_start_loc, **kw)`` take the keyword
     arguments of the wrapped attention (``scale``, ``sliding_window``,
-    ``soft_cap``, ``causal``) and return ``[tokens, num_q_heads, head_dim]``:
+    ``soft_cap``, ``chunk_size``, ``causal``, and ``sinks`` for all
+    ``num_q_heads``, sliced per rank) and return ``[tokens, num_q_heads, head_dim]``:
     unlike the :class:`~pagedkv_core.contract.attention.Attention` contract, the output
     has more heads than the query. ``plan`` builds a step's batch work once
     for every layer, as the wrapped attention's does; each ``run`` is one
@@ -197,15 +218,18 @@ class TensorParallelAttention(AttentionBase):
         self.group = group
 
     def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
-             sliding_window=None, soft_cap=None) -> TensorParallelPlan:
+             sliding_window=None, soft_cap=None, chunk_size=None) -> TensorParallelPlan:
         """See :meth:`pagedkv_core.contract.attention.Attention.plan`; the batch arrays are the same on every rank.
 
         Delegates to the wrapped attention's ``plan`` (which validates the
-        arrays), so any :class:`~pagedkv_core.contract.attention.Attention` can be wrapped.
+        arrays), so any :class:`~pagedkv_core.contract.attention.Attention` can be wrapped
+        (``chunk_size`` is passed on only when set: an attention written
+        before it existed still wraps).
         """
         self._check_shard(storage)
+        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
         plan = self.attention.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
-                                   sliding_window=sliding_window, soft_cap=soft_cap)
+                                   sliding_window=sliding_window, soft_cap=soft_cap, **extra)
         return TensorParallelPlan(plan, self.shard, self.group)
 
     def plan_index(self, storage, index: BatchIndex, params: AttentionParams) -> TensorParallelPlan:
@@ -250,7 +274,7 @@ def state_digest(manager: PagedKvCacheManager) -> str:
     """
     h = hashlib.sha256()
     pool = manager.pool
-    with manager._lock:  # one consistent snapshot even if another thread drives the manager
+    with manager.lock:  # one consistent snapshot even if another thread drives the manager
         for rid in manager.request_ids():
             handle, stats = manager.get_handle(rid), manager.handle_stats(rid)
             table = handle.block_table

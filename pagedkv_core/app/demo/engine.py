@@ -44,8 +44,9 @@ class PagedRunner:
 
         def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
             storage.write(layer, slots, backend.asarray(k, device, dtype), backend.asarray(v, device, dtype))
-            return backend.to_numpy(plan.run(backend.asarray(q, device, dtype), layer))
+            return np.asarray(backend.to_numpy(plan.run(backend.asarray(q, device, dtype), layer)))  # no copy
 
         hidden = self.model.forward(tokens, positions, attend)
         last = meta.query_start_loc[1:].astype(np.int64) - 1
-        return np.argmax(self.model.logits(hidden[last]), axis=-1)
+        chosen: np.ndarray = np.argmax(self.model.logits(hidden[last]), axis=-1)
+        return chosen

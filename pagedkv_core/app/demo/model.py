@@ -41,7 +41,8 @@ class ModelConfig:
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     ms = np.mean(np.square(x), axis=-1, keepdims=True)
-    return x / np.sqrt(ms + eps) * weight
+    normed: np.ndarray = x / np.sqrt(ms + eps) * weight
+    return normed
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -135,7 +136,8 @@ class TinyDecoder:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """``hidden [n, hidden_size]`` (the last layer's residual stream) -> ``[n, vocab]``."""
-        return _rms_norm(hidden, self.final_norm, self.config.rms_eps) @ self.w_out
+        logits: np.ndarray = _rms_norm(hidden, self.final_norm, self.config.rms_eps) @ self.w_out
+        return logits
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, attend: AttendFn) -> np.ndarray:
         """Run every layer over ``tokens [n]`` at ``positions [n]``; returns the residual stream ``[n, hidden]``.

@@ -8,16 +8,21 @@ state and the core keeps numpy and pluggy as its only dependencies.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ...config import CacheConfig
 from ...errors import InvalidArgument, PagedKvError
 from ...policy.pressure import MemoryPressure
 from .scheduler import StepRecord
 
+if TYPE_CHECKING:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
 __all__ = ["check_plot_target", "write_plot"]
 
 
-def _matplotlib():
+def _matplotlib() -> tuple[type[FigureCanvasAgg], type[Figure]]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

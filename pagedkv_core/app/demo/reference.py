@@ -34,7 +34,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     scores -= scores.max(axis=-1, keepdims=True)
     weights = np.exp(scores)
     weights /= weights.sum(axis=-1, keepdims=True)
-    return np.matmul(weights, vv).transpose(1, 0, 2)
+    out: np.ndarray = np.matmul(weights, vv).transpose(1, 0, 2)  # [n, q_heads, d]
+    return out
 
 
 def reference_decode(model: TinyDecoder, prompt: Sequence[int], max_new_tokens: int,
@@ -80,4 +81,5 @@ def reference_choices(model: TinyDecoder, prompt: Sequence[int], generated: Sequ
     """
     if not generated:
         return []
-    return np.argmax(reference_logits(model, prompt, generated), axis=-1).tolist()
+    choices: list[int] = np.argmax(reference_logits(model, prompt, generated), axis=-1).tolist()
+    return choices

@@ -120,6 +120,7 @@ def build_report(setup: RunSetup, scheduler: Scheduler, manager: PagedKvCacheMan
     wasted = np.array([r.wasted_slots for r in records]) if records else np.zeros(1, np.int64)
     finished = scheduler.finished
     steps_at = {level: sum(1 for r in records if r.level == level) for level in MemoryPressure}
+    remote_url, tier = (None, None) if remote is None else remote
     return DemoReport(
         backend=setup.backend, device=setup.device, requests=setup.requests, seed=setup.seed, model=setup.model,
         num_blocks=config.num_blocks, block_size=config.block_size,
@@ -147,11 +148,12 @@ def build_report(setup: RunSetup, scheduler: Scheduler, manager: PagedKvCacheMan
         final_used_blocks=stats.used_blocks, final_host_blocks=stats.host_blocks_used,
         invariant_problems=tuple(manager.check_invariants(raise_on_error=False)),
         verified=check.verified, checked=check.checked, checked_ids=check.request_ids,
-        mismatches=check.mismatches, plot=plot,
-        **({} if remote is None else dict(
-            remote_url=remote[0], remote_queried_blocks=remote[1].blocks_queried,
-            remote_hit_blocks=remote[1].hit_blocks, remote_put_blocks=remote[1].put_blocks,
-            remote_dropped_blocks=remote[1].dropped_blocks, remote_errors=remote[1].errors)),
+        mismatches=check.mismatches, plot=plot, remote_url=remote_url,
+        remote_queried_blocks=0 if tier is None else tier.blocks_queried,
+        remote_hit_blocks=0 if tier is None else tier.hit_blocks,
+        remote_put_blocks=0 if tier is None else tier.put_blocks,
+        remote_dropped_blocks=0 if tier is None else tier.dropped_blocks,
+        remote_errors=0 if tier is None else tier.errors,
     )
 
 

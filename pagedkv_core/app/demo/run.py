@@ -122,7 +122,7 @@ def run_demo(backend: str = "numpy", device: str = "cpu", requests: int = 200, s
         title = f"pagedkv demo: {backend}:{device}, {requests} requests, seed {seed}"
         write_plot(plot, scheduler.records, config, title)
     report = build_report(setup, scheduler, manager, pressure_seconds, elapsed, check, plot,
-                          None if connector is None else (remote, connector.stats()))
+                          None if connector is None or remote is None else (remote, connector.stats()))
     out.write(format_report(report) + "\n")
     out.flush()
     return report

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...config import AllocationRequest
-from ...errors import OutOfBlocks
+from ...errors import OutOfBlocks, UnknownSequence
 from ...manager.facade import PagedKvCacheManager
-from ...manager.records import PagedKvCacheHandle
+from ...manager.handle import PagedKvCacheHandle
 from ...policy.eviction import StreamingLLMPolicy
 from ...policy.pressure import MemoryPressure
 from .engine import PagedRunner
@@ -76,6 +76,13 @@ class Live:
     @property
     def done(self) -> bool:
         return len(self.output) >= self.request.max_new_tokens
+
+    @property
+    def admitted(self) -> PagedKvCacheHandle:
+        """The cache handle of a request the scheduler admitted (running or swapped out)."""
+        if self.handle is None:
+            raise UnknownSequence(self.rid)  # a waiting request has no sequence yet
+        return self.handle
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +205,7 @@ class Scheduler:
         high = int(config.pressure.high * config.num_blocks)
         while self.swapped:
             live = self.swapped[0]
-            need = live.handle.stats().blocks_allocated
+            need = live.admitted.stats().blocks_allocated
             stats = self.manager.stats()
             if need > stats.free_blocks or (self.running and stats.used_blocks + need > high):
                 break
@@ -252,14 +259,14 @@ class Scheduler:
         """StreamingLLM: keep the sink tokens and a recent window, so the sequence fits its context again."""
         removed = self.manager.trim_window(live.rid, self.trim_policy)
         if removed:
-            live.offset = live.handle.position_offset
+            live.offset = live.admitted.position_offset
             live.trims += 1
             self.trims += 1
             self.trimmed_tokens += removed
 
     def _decode(self, batch: list[Live]) -> None:
         for live in batch:
-            if live.handle.num_tokens >= self.config.context:
+            if live.admitted.num_tokens >= self.config.context:
                 self._trim(live)
         while batch:
             try:

@@ -19,6 +19,7 @@ so a near-tie (below ~1e-5) is told apart from a bug at a glance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,8 @@ def choose_sample(finished: list[Live], seed: int, size: int = 8) -> list[Live]:
     eligible = sorted((live for live in finished if live.trims == 0), key=lambda live: live.rid)
     order = [eligible[i] for i in np.random.default_rng([seed, 7]).permutation(len(eligible))]
     sample: list[Live] = []
-    for wanted in (lambda live: live.swaps > 0, lambda live: live.cached_tokens > 0):
+    first_picks: tuple[Callable[[Live], bool], ...] = (lambda live: live.swaps > 0, lambda live: live.cached_tokens > 0)
+    for wanted in first_picks:
         pick = next((live for live in order if wanted(live) and live not in sample), None)
         if pick is not None and len(sample) < size:
             sample.append(pick)
