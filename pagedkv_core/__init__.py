@@ -4,7 +4,7 @@ The core decides *which* blocks hold what; a backend (NumPy, PyTorch, CuPy,
 MLX, or your own) moves the bytes and runs paged attention.
 """
 
-from .blocks.metadata import BatchMetadata
+from .blocks.metadata import BatchMetadata, HybridMetadata, LayerStep
 from .blocks.pool import BlockPool
 from .blocks.tables import BlockTable
 from .config import AllocationRequest, CacheConfig, PrefixCacheConfig, PressureThresholds
@@ -18,6 +18,7 @@ from .contract.attention import (
     check_query,
 )
 from .contract.backend import Backend, BackendSpec, Capabilities, Probe
+from .contract.cli import CliCommand
 from .contract.storage import BlockStorage, HostBlocks, NumpyHostBlocks, StorageChecks
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
@@ -29,8 +30,11 @@ from .interfaces import (
     KvCacheManager,
     MultiDeviceCacheManager,
 )
+from .layers import CacheGroup, GroupLayout, LayerGroup
 from .manager.facade import PagedKvCacheManager
 from .manager.handle import PagedKvCacheHandle
+from .manager.hybrid import Admitted, HybridCacheManager
+from .manager.hybrid_prefix import GroupHit, PrefixExplanation
 from .manager.multi_device import MultiDeviceManager
 from .manager.records import SeqState
 from .plugins import BackendRegistry, available_backends, default_registry, get_backend, register_backend
@@ -69,6 +73,9 @@ __all__ = [
     # the reference implementation
     "PagedKvCacheManager", "PagedKvCacheHandle", "SeqState", "MultiDeviceManager", "BlockPool", "BlockTable",
     "BatchMetadata",
+    # hybrid models: layer groups
+    "LayerGroup", "CacheGroup", "GroupLayout", "HybridCacheManager", "HybridMetadata", "LayerStep", "Admitted",
+    "PrefixExplanation", "GroupHit",
     # policies
     "LruPolicy", "LfuPolicy", "LongestFirstPolicy", "PriorityPolicy", "StreamingLLMPolicy", "SlidingWindowPolicy",
     "EvictionCandidate", "SequenceInfo", "make_policy",
@@ -82,6 +89,6 @@ __all__ = [
     # prefix-cache events
     "BlockStored", "BlockRemoved", "AllCleared",
     # plugins
-    "BackendRegistry", "available_backends", "default_registry", "get_backend", "register_backend",
+    "BackendRegistry", "available_backends", "default_registry", "get_backend", "register_backend", "CliCommand",
     *_errors_all,
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .dtypes import check_dtype, is_quantized, itemsize
 from .errors import InvalidArgument
+from .layers import GroupLayout, LayerGroup, plan_layout
 
 __all__ = [
     "PressureThresholds",
@@ -80,6 +82,13 @@ class CacheConfig:
 
     Pools are ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer,
     for K and for V. ``num_host_blocks`` is the capacity of the host (swap) tier.
+
+    ``layer_groups`` describes a hybrid model (full, sliding-window,
+    chunked-local and state layers; see :mod:`pagedkv_core.layers`): such a
+    config is served by :class:`~pagedkv_core.HybridCacheManager`, and the
+    backend's storage is built from :meth:`storage_config` (one layer per
+    slot of a cache group, not one per model layer). ``None``: every layer
+    is a full-attention layer with the same block table.
     """
 
     num_layers: int
@@ -92,6 +101,8 @@ class CacheConfig:
     max_seq_len: int | None = None
     prefix_cache: PrefixCacheConfig | None = field(default_factory=PrefixCacheConfig)
     pressure: PressureThresholds = field(default_factory=PressureThresholds)
+    layer_groups: tuple[LayerGroup, ...] | None = None
+    _layout: GroupLayout | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size"):
@@ -103,6 +114,32 @@ class CacheConfig:
                  f"max_seq_len must be a positive int or None, got {self.max_seq_len!r}")
         _require(isinstance(self.dtype, str), f"dtype must be a name such as 'float16', got {self.dtype!r}")
         check_dtype(self.dtype)
+        if self.layer_groups is not None:
+            groups = tuple(self.layer_groups)
+            _require(all(isinstance(g, LayerGroup) for g in groups), "layer_groups must hold LayerGroup objects")
+            object.__setattr__(self, "layer_groups", groups)
+            object.__setattr__(self, "_layout", plan_layout(groups, self.num_layers))
+
+    @property
+    def layout(self) -> GroupLayout:
+        """The cache groups and where each layer lives (one full group of every layer without ``layer_groups``)."""
+        if self._layout is None:
+            return plan_layout((LayerGroup.full(range(self.num_layers)),), self.num_layers)
+        return self._layout
+
+    @property
+    def hybrid(self) -> bool:
+        return self.layer_groups is not None
+
+    def storage_config(self) -> CacheConfig:
+        """What the backend's storage is built for: one layer per slot of a cache group, no groups.
+
+        Every block of the shared pool holds ``layout.slots`` layers, whichever
+        cache group owns it; for a config without groups this is the config itself.
+        """
+        if self._layout is None:
+            return self
+        return dataclasses.replace(self, num_layers=self._layout.slots, layer_groups=None)
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -117,10 +154,11 @@ class CacheConfig:
 
     @property
     def bytes_per_block(self) -> int:
-        """Device bytes of one block over all layers, K and V, scales included."""
+        """Device bytes of one block over all its layers (a cache group's slots when hybrid), K and V, scales included."""
         values = self.block_size * self.num_kv_heads * self.head_dim * itemsize(self.dtype)
         scales = self.num_kv_heads * 4 if self.quantized else 0
-        return 2 * self.num_layers * (values + scales)
+        layers = self.num_layers if self._layout is None else self._layout.slots
+        return 2 * layers * (values + scales)
 
     @property
     def device_bytes(self) -> int:

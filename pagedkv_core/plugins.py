@@ -1,4 +1,4 @@
-"""The backend registry: pluggy hooks plus the ``pagedkv.backends`` entry-point group.
+"""The plugin registries: pluggy hooks plus the ``pagedkv.backends`` and ``pagedkv.cli`` entry-point groups.
 
 Built-in backends travel the same path as third-party ones. A plugin that
 fails to import is recorded with its error and the others keep working;
@@ -9,6 +9,10 @@ plugins off. Tests and third parties may ``register`` a plugin module, a
 A backend name belongs to one plugin: an installed plugin that offers a name
 another already provides is refused (built-in distributions load first), so
 which code runs never depends on installation order.
+
+:class:`CommandRegistry` does the same for the subcommands distributions add
+to the ``pagedkv`` command (``pagedkv conformance`` among them), so the core's
+command line imports none of them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import difflib
 import os
 import threading
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -26,14 +30,17 @@ import pluggy
 
 from .contract import hookspecs
 from .contract.backend import Backend, BackendSpec, Probe
+from .contract.cli import CliCommand
 from .errors import BackendUnavailable, InvalidArgument, UnknownBackend
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CLI_ENTRY_POINT_GROUP",
     "BLOCK_ENV",
     "BUILTIN_BACKENDS",
     "BackendStatus",
     "BackendRegistry",
+    "CommandRegistry",
     "default_registry",
     "available_backends",
     "get_backend",
@@ -41,6 +48,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "pagedkv.backends"
+CLI_ENTRY_POINT_GROUP = "pagedkv.cli"
 BLOCK_ENV = "PAGEDKV_BLOCKED_PLUGINS"
 
 BUILTIN_BACKENDS: Mapping[str, str] = types.MappingProxyType({
@@ -53,6 +61,7 @@ BUILTIN_BACKENDS: Mapping[str, str] = types.MappingProxyType({
 })
 """The backends this project ships, each with its install line (``pagedkv backends`` lists missing ones)."""
 _BUILTIN_DISTRIBUTIONS = frozenset(f"pagedkv-{name}" for name in BUILTIN_BACKENDS)
+_BUILTIN_CLI_DISTRIBUTIONS = frozenset({"pagedkv-conformance"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,21 +99,13 @@ class BackendRegistry:
         self._loaded: dict[str, Backend] = {}
         self._load_errors: dict[str, str] = {}
         self._lock = threading.RLock()
-        blocked = {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
-        for name in blocked:
-            self.plugin_manager.set_blocked(name)
+        _block_from_env(self.plugin_manager)
         if load_entry_points:
             self._load_entry_points()
         self.plugin_manager.check_pending()
 
     def _load_entry_points(self) -> None:
-        # pluggy's load_setuptools_entrypoints stops at the first plugin that
-        # fails to import; we load one by one so a broken plugin is reported,
-        # not fatal.
-        # The built-in distributions first, so a third-party plugin cannot take over their names.
-        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
-                              key=lambda ep: _distribution(ep) not in _BUILTIN_DISTRIBUTIONS)
-        for ep in entry_points:
+        for ep in _entry_points(ENTRY_POINT_GROUP, _BUILTIN_DISTRIBUTIONS):
             if self.plugin_manager.is_blocked(ep.name) or self.plugin_manager.has_plugin(ep.name):
                 continue
             try:
@@ -231,6 +232,108 @@ class BackendRegistry:
         return {name: self.status(name) for name in self.names()}
 
 
+class CommandRegistry:
+    """The subcommands plugins add to ``pagedkv``, found through the ``pagedkv.cli`` entry points.
+
+    Loaded one entry point at a time, as backends are: a plugin that fails to
+    import, whose hook raises, or whose hook returns anything but
+    :class:`CliCommand` objects is recorded in ``plugin_errors`` with the
+    reason and the other commands keep working. A command name belongs to one
+    plugin: a ``reserved`` name (the core's own commands) or one another plugin
+    already provides refuses the whole plugin, with the reason in
+    ``plugin_refusals`` (this project's distributions load first), so which
+    code ``pagedkv NAME`` runs never depends on installation order.
+    ``PAGEDKV_BLOCKED_PLUGINS`` switches these plugins off too.
+    """
+
+    def __init__(self, *, load_entry_points: bool = True, reserved: Iterable[str] = ()) -> None:
+        self.plugin_manager = pluggy.PluginManager("pagedkv")
+        self.plugin_manager.add_hookspecs(hookspecs)
+        self.reserved = frozenset(reserved)
+        self.plugin_errors: dict[str, str] = {}
+        self.plugin_refusals: dict[str, str] = {}  # entry point -> why it was not registered
+        self._providers: dict[str, str] = {}  # command name -> the plugin that provides it
+        _block_from_env(self.plugin_manager)
+        if load_entry_points:
+            self._load_entry_points()
+        self.plugin_manager.check_pending()
+
+    def _load_entry_points(self) -> None:
+        for ep in _entry_points(CLI_ENTRY_POINT_GROUP, _BUILTIN_CLI_DISTRIBUTIONS):
+            if self.plugin_manager.is_blocked(ep.name) or self.plugin_manager.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+                names = [command.name for command in self._commands_of(plugin)]
+            except Exception as exc:  # any import error of a third-party plugin, or a malformed hook
+                self.plugin_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            clash = self._clash(names)
+            if clash:
+                self.plugin_refusals[ep.name] = (
+                    f"refused: {clash}; uninstall one of them, or switch this one off with {BLOCK_ENV}={ep.name}")
+                continue
+            self.plugin_manager.register(plugin, name=ep.name)
+            dist = _distribution(ep)
+            for n in names:
+                self._providers[n] = f"plugin {ep.name!r}" + (f" (distribution {dist})" if dist else "")
+
+    def register(self, plugin: Any, *, name: str | None = None) -> None:
+        """Register a plugin module or object implementing ``pagedkv_cli_commands`` (tests, embedders).
+
+        Raises :class:`InvalidArgument` for a malformed hook or a command name
+        that is reserved or already provided.
+        """
+        try:
+            names = [command.name for command in self._commands_of(plugin)]
+        except TypeError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        clash = self._clash(names)
+        if clash:
+            raise InvalidArgument(f"cannot register {name or plugin!r}: {clash}")
+        self.plugin_manager.register(plugin, name=name)
+        self.plugin_manager.check_pending()
+        for n in names:
+            self._providers[n] = f"plugin {name or plugin!r}"
+
+    def commands(self) -> Mapping[str, CliCommand]:
+        """Every registered plugin command, by name (read-only view)."""
+        result: dict[str, CliCommand] = {}
+        for group in self.plugin_manager.hook.pagedkv_cli_commands():
+            for command in group:
+                result.setdefault(command.name, command)
+        return types.MappingProxyType(result)
+
+    def _clash(self, names: list[str]) -> str:
+        """Why these command names cannot be added, or ``""`` when they can."""
+        for n in names:
+            if n in self.reserved:
+                return f"it offers command {n!r}, which is one of pagedkv's own commands"
+            if n in self._providers:
+                return f"it offers command {n!r}, which {self._providers[n]} already provides"
+        return ""
+
+    def _commands_of(self, plugin: Any) -> list[CliCommand]:
+        """The commands ``plugin`` offers, checked; ``TypeError`` says what is wrong with them."""
+        # pluggy before 1.5 looks the name up without a default: check it is there first
+        impl = getattr(plugin, "pagedkv_cli_commands", None)
+        if impl is None or self.plugin_manager.parse_hookimpl_opts(plugin, "pagedkv_cli_commands") is None:
+            raise TypeError("it has no pagedkv_cli_commands function marked @hookimpl")
+        commands = list(impl())
+        names: set[str] = set()
+        for command in commands:
+            if not isinstance(command, CliCommand):
+                raise TypeError(f"pagedkv_cli_commands returned {command!r}, not a CliCommand")
+            if not command.name or command.name.startswith("-") or command.name.split() != [command.name]:
+                raise TypeError(f"bad command name {command.name!r}: one word, not starting with '-'")
+            if command.name in names:
+                raise TypeError(f"pagedkv_cli_commands returned command {command.name!r} twice")
+            if not (callable(command.configure) and callable(command.run)):
+                raise TypeError(f"command {command.name!r}: configure and run must be callable")
+            names.add(command.name)
+        return commands
+
+
 _default: BackendRegistry | None = None
 _default_lock = threading.Lock()
 
@@ -238,6 +341,22 @@ _default_lock = threading.Lock()
 def _specs_of(plugin: Any) -> list[BackendSpec]:
     impl = getattr(plugin, "pagedkv_backends", None)
     return list(impl()) if callable(impl) else []
+
+
+def _block_from_env(plugin_manager: pluggy.PluginManager) -> None:
+    for name in {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}:
+        plugin_manager.set_blocked(name)
+
+
+def _entry_points(group: str, builtin_distributions: frozenset[str]) -> list[Any]:
+    """The group's entry points, this project's distributions first.
+
+    pluggy's load_setuptools_entrypoints stops at the first plugin that fails
+    to import; the registries load these one by one so a broken plugin is
+    reported, not fatal. Built-in distributions come first so a third-party
+    plugin cannot take over their names.
+    """
+    return sorted(metadata.entry_points(group=group), key=lambda ep: _distribution(ep) not in builtin_distributions)
 
 
 def _distribution(ep: Any) -> str:

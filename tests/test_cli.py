@@ -1,4 +1,4 @@
-"""The command line: backends table, demo, conformance, bench, version and errors."""
+"""The command line: backends table, demo, bench, version, errors, and the subcommands plugins add."""
 
 import signal
 import subprocess
@@ -119,3 +119,200 @@ def test_bench_claims_only_files_it_wrote(tmp_path, capsys):
     assert "wrote " not in captured.out and not out.exists() and not plot.exists()
     assert main(["bench", "--root", str(root), "--out", str(tmp_path / "missing" / "b.md")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- subcommands added by plugins (the pagedkv_cli_commands hook, the pagedkv.cli entry points) ---
+
+class FakeEntryPoint:
+    """An installed plugin of the ``pagedkv.cli`` group: what ``importlib.metadata.entry_points`` hands over."""
+
+    def __init__(self, name, load, dist="pagedkv-thirdparty"):
+        self.name, self._load, self.dist = name, load, type("Dist", (), {"name": dist})()
+
+    def load(self):
+        return self._load()
+
+
+def _cli_entry_points(monkeypatch, *fakes, keep_installed=True):
+    """Replace the installed ``pagedkv.cli`` entry points (the backends group stays as installed)."""
+    from importlib import metadata
+
+    real = metadata.entry_points
+
+    def entry_points(group):
+        if group != "pagedkv.cli":
+            return real(group=group)
+        return [*fakes, *(real(group=group) if keep_installed else [])]
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+
+
+def _greeting_plugin(name="greet", calls=None):
+    from pagedkv_core import CliCommand
+    from pagedkv_core.contract.hookspecs import hookimpl
+
+    def configure(parser):
+        parser.add_argument("--who", default="world")
+
+    def run(args):
+        if calls is not None:
+            calls.append(args.who)
+        print(f"hello {args.who}")
+        return 0
+
+    class Plugin:
+        @hookimpl
+        def pagedkv_cli_commands(self):
+            return [CliCommand(name, "say hello", configure, run, epilog="examples:\n  pagedkv greet --who you")]
+
+    return Plugin()
+
+
+def _broken():
+    raise ImportError("No module named 'pagedkv_broken_dependency'")
+
+
+def test_a_plugin_adds_a_subcommand_through_the_hook(monkeypatch, capsys):
+    calls = []
+    plugin = _greeting_plugin(calls=calls)
+    _cli_entry_points(monkeypatch, FakeEntryPoint("greet", lambda: plugin))
+    assert main(["greet", "--who", "pagedkv"]) == 0
+    assert calls == ["pagedkv"] and capsys.readouterr().out == "hello pagedkv\n"
+    with pytest.raises(SystemExit):
+        main(["greet", "--unknown"])  # a working command's arguments are checked as usual
+    assert "unrecognized arguments: --unknown" in capsys.readouterr().err
+
+
+def test_a_plugin_command_keeps_its_epilog_line_breaks(monkeypatch, capsys):
+    plugin = _greeting_plugin()
+    _cli_entry_points(monkeypatch, FakeEntryPoint("greet", lambda: plugin))
+    with pytest.raises(SystemExit):
+        main(["greet", "--help"])
+    out = capsys.readouterr().out
+    assert "--who WHO" in out and "examples:\n  pagedkv greet --who you\n" in out
+
+
+def test_a_plugin_that_fails_to_import_leaves_the_rest_working_and_is_reported(monkeypatch, capsys):
+    _cli_entry_points(monkeypatch, FakeEntryPoint("broken", _broken))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "command plugins not loaded:" in out
+    assert "broken: failed to load: ImportError: No module named 'pagedkv_broken_dependency'" in out
+    assert "conformance" in out  # the installed plugins still add their commands
+    assert main(["backends"]) == 0
+    assert any(line.startswith("numpy") for line in capsys.readouterr().out.splitlines())
+    assert main(["broken", "--any", "args"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pagedkv: error: command 'broken' is unavailable: plugin 'broken' failed to load: "
+        "ImportError: No module named 'pagedkv_broken_dependency'")
+
+
+def test_a_malformed_plugin_is_reported_not_fatal(monkeypatch):
+    from pagedkv_core.contract.hookspecs import hookimpl
+    from pagedkv_core.plugins import CommandRegistry
+
+    class NotACommand:
+        @hookimpl
+        def pagedkv_cli_commands(self):
+            return ["conformance"]
+
+    class Unmarked:
+        def pagedkv_cli_commands(self):  # no @hookimpl: pluggy would never call it
+            return []
+
+    class Raises:
+        @hookimpl
+        def pagedkv_cli_commands(self):
+            raise RuntimeError("hook exploded")
+
+    _cli_entry_points(monkeypatch, FakeEntryPoint("bad", NotACommand), FakeEntryPoint("unmarked", Unmarked),
+                      FakeEntryPoint("raises", Raises), keep_installed=False)
+    registry = CommandRegistry()
+    assert registry.plugin_errors == {
+        "bad": "TypeError: pagedkv_cli_commands returned 'conformance', not a CliCommand",
+        "unmarked": "TypeError: it has no pagedkv_cli_commands function marked @hookimpl",
+        "raises": "RuntimeError: hook exploded",
+    }
+    assert dict(registry.commands()) == {}
+
+
+def test_a_plugin_cannot_take_a_core_command_or_another_plugins_name(monkeypatch, capsys):
+    from pagedkv_core.plugins import BLOCK_ENV
+
+    _cli_entry_points(monkeypatch, FakeEntryPoint("mydemo", lambda: _greeting_plugin("demo")),
+                      FakeEntryPoint("second", lambda: _greeting_plugin("conformance")))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "mydemo: refused: it offers command 'demo', which is one of pagedkv's own commands" in out
+    assert ("second: refused: it offers command 'conformance', which plugin 'conformance' (distribution "
+            f"pagedkv-conformance) already provides; uninstall one of them, or switch this one off with "
+            f"{BLOCK_ENV}=second") in out
+    assert main(["demo", "--requests", "3"]) == 0  # still the core's demo
+    assert "pagedkv demo report" in capsys.readouterr().out
+
+
+def test_a_command_whose_configure_raises_says_so_and_the_rest_works(monkeypatch, capsys):
+    from pagedkv_core import CliCommand
+    from pagedkv_core.contract.hookspecs import hookimpl
+
+    def configure(parser):
+        parser.add_argument("--help")  # argparse refuses: -h/--help is already there
+
+    class Plugin:
+        @hookimpl
+        def pagedkv_cli_commands(self):
+            return [CliCommand("clash", "bad arguments", configure, lambda args: 0)]
+
+    _cli_entry_points(monkeypatch, FakeEntryPoint("clash", Plugin))
+    assert main(["clash", "--x"]) == 2
+    assert "command 'clash' is unavailable: its plugin could not set up its arguments: ArgumentError" in \
+        capsys.readouterr().err
+    assert main(["backends"]) == 0
+
+
+def test_direct_registration_checks_names():
+    from pagedkv_core import InvalidArgument
+    from pagedkv_core.app.cli import BUILTIN_COMMANDS
+    from pagedkv_core.plugins import CommandRegistry
+
+    registry = CommandRegistry(load_entry_points=False, reserved=BUILTIN_COMMANDS)
+    registry.register(_greeting_plugin(), name="greet")
+    assert list(registry.commands()) == ["greet"]
+    with pytest.raises(InvalidArgument, match="'greet', which plugin 'greet' already provides"):
+        registry.register(_greeting_plugin(), name="again")
+    with pytest.raises(InvalidArgument, match="one of pagedkv's own commands"):
+        registry.register(_greeting_plugin("bench"), name="bench-plugin")
+    with pytest.raises(InvalidArgument, match="bad command name '--x'"):
+        registry.register(_greeting_plugin("--x"), name="dashes")
+
+
+def test_conformance_without_the_suite_says_what_to_install(monkeypatch, capsys):
+    _cli_entry_points(monkeypatch, keep_installed=False)
+    assert main(["conformance", "--backend", "numpy", "--device", "cpu", "--", "-x"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pagedkv: error: the conformance suite is not installed; pip install pagedkv-conformance")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "conformance" in capsys.readouterr().out
+
+
+def test_conformance_whose_plugin_fails_to_import_says_why(monkeypatch, capsys):
+    _cli_entry_points(monkeypatch, FakeEntryPoint("conformance", _broken, "pagedkv-conformance"),
+                      keep_installed=False)
+    assert main(["conformance"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pagedkv: error: the conformance suite failed to load (ImportError: No module named "
+        "'pagedkv_broken_dependency'); reinstall it: pip install pagedkv-conformance")
+
+
+def test_conformance_switched_off_says_so(monkeypatch, capsys):
+    from pagedkv_core.plugins import BLOCK_ENV
+
+    monkeypatch.setenv(BLOCK_ENV, "conformance")
+    assert main(["conformance", "--full"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pagedkv: error: the conformance suite is switched off: {BLOCK_ENV} names 'conformance'")

@@ -1,24 +1,52 @@
-"""The ``pagedkv`` command line."""
+"""The ``pagedkv`` command line.
+
+The core's own commands live here; distributions above the core add theirs
+(``pagedkv conformance`` from pagedkv-conformance) through the
+``pagedkv_cli_commands`` hook and the ``pagedkv.cli`` entry points, so this
+module imports none of them. A command this project ships elsewhere that is
+not installed, and a plugin that failed to load, still get a subcommand that
+says why and what to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from .. import __version__
+from ..contract.cli import CliCommand
 from ..errors import PagedKvError
+from ..plugins import BLOCK_ENV, CommandRegistry, default_registry
 
 __all__ = ["main"]
+
+BUILTIN_COMMANDS = ("backends", "demo", "bench")
+"""The core's own commands: a plugin offering one of these names is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Shipped:
+    """A command this project ships in another distribution: what it is and the line that installs it."""
+
+    help: str
+    what: str
+    install: str
+
+
+SHIPPED_COMMANDS: Mapping[str, _Shipped] = types.MappingProxyType({
+    "conformance": _Shipped("run the conformance suite and print a per-area summary", "the conformance suite",
+                            "pip install pagedkv-conformance"),
+})
+"""Commands of this project's other distributions; without their plugin ``pagedkv NAME`` says what to install."""
 
 EXAMPLES = {
     "backends": "examples:\n  pagedkv backends\n  PAGEDKV_BLOCKED_PLUGINS=cupy pagedkv backends",
     "demo": ("examples:\n  pagedkv demo\n  pagedkv demo --requests 50 --plot blocks.png\n"
              "  pagedkv demo --backend torch --device cpu --seed 3\n"
              "  pagedkv demo --remote redis://127.0.0.1:6379/0"),
-    "conformance": ("examples:\n  pagedkv conformance --backend numpy --device cpu\n"
-                    "  pagedkv conformance --backend torch --dtype float16,bfloat16\n"
-                    "  pagedkv conformance --full -- -x -k attention"),
     "bench": ("examples (from a checkout):\n  pagedkv bench --backend numpy\n"
               "  pagedkv bench --out results.md --plot results.png -- -k decode"),
 }
@@ -26,8 +54,6 @@ EXAMPLES = {
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     """The table of backends, built-in ones not installed included; exit 1 when none is usable here."""
-    from ..plugins import default_registry
-
     registry = default_registry()
     statuses = registry.available_backends()
     rows = [("backend", "available", "devices", "version / reason")]
@@ -66,21 +92,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_conformance(args: argparse.Namespace) -> int:
-    try:
-        from pagedkv_conformance.runner import run_conformance
-    except ImportError as exc:
-        raise PagedKvError(f"the conformance suite is not installed ({exc}); pip install pagedkv-conformance") from exc
-    from pagedkv_conformance.targets import check_request
-
-    from ..plugins import default_registry
-
-    dtypes = [d.strip() for opt in args.dtype for d in opt.split(",") if d.strip()]
-    check_request(default_registry(), args.backend, args.device, dtypes)  # typos: one line, before pytest
-    exit_code: int = run_conformance(args.backend, args.device, dtypes, args.full, args.pytest_args)
-    return exit_code
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -95,11 +106,77 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
+    """The run function of a command that cannot work here: one ``pagedkv: error:`` line, exit 2."""
+    def run(args: argparse.Namespace) -> int:
+        raise PagedKvError(message)
+    return run
+
+
+def _missing_commands(registry: CommandRegistry, present: Mapping[str, CliCommand]) -> dict[str, tuple[str, str]]:
+    """Subcommands that stand in for commands no plugin provides here: name -> (help, error message).
+
+    A command this project ships in another distribution says what to install;
+    a plugin that failed to load is listed under its entry-point name (name it
+    after its command) with the error, so ``pagedkv NAME`` explains itself.
+    """
+    missing: dict[str, tuple[str, str]] = {}
+    for name, shipped in SHIPPED_COMMANDS.items():
+        if name in present:
+            continue
+        if name in registry.plugin_errors:
+            message = f"{shipped.what} failed to load ({registry.plugin_errors[name]}); reinstall it: {shipped.install}"
+        elif registry.plugin_manager.is_blocked(name):
+            message = f"{shipped.what} is switched off: {BLOCK_ENV} names {name!r}"
+        else:
+            message = f"{shipped.what} is not installed; {shipped.install}"
+        missing[name] = (f"{shipped.help} (unavailable here: run it for the reason)", message)
+    for name, error in registry.plugin_errors.items():
+        if name not in present and name not in missing and name not in BUILTIN_COMMANDS:
+            missing[name] = (f"unavailable here: plugin {name!r} failed to load (run it for the reason)",
+                             f"command {name!r} is unavailable: plugin {name!r} failed to load: {error}")
+    return missing
+
+
+def _plugin_problems(registry: CommandRegistry) -> str:
+    """The ``pagedkv --help`` lines for command plugins that failed to load or were refused."""
+    lines = [f"  {name}: failed to load: {error}" for name, error in registry.plugin_errors.items()]
+    lines += [f"  {name}: {why}" for name, why in registry.plugin_refusals.items()]
+    return "\n\ncommand plugins not loaded:\n" + "\n".join(lines) if lines else ""
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], registry: CommandRegistry) -> None:
+    """One subparser per plugin command, then stand-ins that explain the commands missing here.
+
+    Stand-ins and commands whose ``configure`` raised accept any arguments, so
+    ``pagedkv conformance --backend numpy`` without the suite prints what to
+    install instead of an argparse complaint about ``--backend``.
+    """
+    commands = registry.commands()
+    for name, command in sorted(commands.items()):
+        p = sub.add_parser(name, help=command.help, epilog=command.epilog or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        try:
+            command.configure(p)
+        except Exception as exc:  # a third party's bug must not take the other commands down
+            p.set_defaults(func=_unavailable(f"command {name!r} is unavailable: its plugin could not set up its "
+                                             f"arguments: {type(exc).__name__}: {exc}"), any_arguments=True)
+            continue
+        p.set_defaults(func=command.run)
+    for name, (help_line, message) in sorted(_missing_commands(registry, commands).items()):
+        p = sub.add_parser(name, help=help_line, description=message)
+        p.set_defaults(func=_unavailable(message), any_arguments=True)  # whatever it is given: say why it cannot run
+
+
+def build_parser(registry: CommandRegistry | None = None) -> argparse.ArgumentParser:
+    """The ``pagedkv`` parser: the core's commands, then those plugins add (``registry``: found if not given)."""
+    if registry is None:
+        registry = CommandRegistry(reserved=BUILTIN_COMMANDS)
     parser = argparse.ArgumentParser(
         prog="pagedkv", description="Paged KV-cache layer: inspect backends, run the demo and the conformance suite.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  pagedkv backends\n  pagedkv demo\n  pagedkv conformance --backend numpy\n  pagedkv --version",
+        epilog="examples:\n  pagedkv backends\n  pagedkv demo\n  pagedkv conformance --backend numpy\n  pagedkv --version"
+               + _plugin_problems(registry),
     )
     parser.add_argument("--version", action="version", version=f"pagedkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,14 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share prefix blocks through a Redis/Valkey server, e.g. redis://127.0.0.1:6379/0 "
                         "(pip install 'pagedkv[redis]'); run twice to see the second run load them")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("conformance", help="run the conformance suite and print a per-area summary",
-                       epilog=EXAMPLES["conformance"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", help="backend to check (default: every available one)")
-    p.add_argument("--device", help="device to check (default: every device of the backend)")
-    p.add_argument("--dtype", action="append", default=[], help="storage dtype(s), repeatable or comma-separated")
-    p.add_argument("--full", action="store_true", help="include the slow full attention sweep")
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
-    p.set_defaults(func=_cmd_conformance)
     p = sub.add_parser("bench", help="run the benchmark suites; write a markdown table and a PNG",
                        epilog=EXAMPLES["bench"], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", action="append", default=[], help="only this backend's benchmarks (repeatable)")
@@ -133,12 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="bench.png", help="PNG chart to write ('' for none)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     p.set_defaults(func=_cmd_bench)
+    _add_plugin_commands(sub, registry)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a pagedkv error is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_args is parse_known_args plus this error; a command that cannot run here takes any arguments
+    # (``pagedkv conformance --backend numpy`` without the suite installed), so it can say why instead
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command: Callable[[argparse.Namespace], int] = args.func  # set by every subparser (set_defaults)
     try:
         return command(args)

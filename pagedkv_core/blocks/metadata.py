@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["BatchMetadata", "build_batch_metadata"]
+from ..layers import CacheGroup, GroupLayout
+
+__all__ = ["BatchMetadata", "HybridMetadata", "LayerStep", "build_batch_metadata"]
 
 
 class BatchMetadata:
@@ -97,3 +101,41 @@ def build_batch_metadata(request_ids: tuple[str, ...], tables: np.ndarray, lens:
     slots = (block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
              + positions % block_size).astype(np.int32)
     return BatchMetadata(request_ids, block_tables, seq_lens, query_start_loc, slots, block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStep:
+    """What one model layer's attention needs in a hybrid step.
+
+    ``metadata`` of its cache group, the ``storage_layer`` its K/V live in,
+    and the mask of its kind: pass ``sliding_window`` and ``chunk_size`` to
+    the attention plan (a plan per cache group serves all its layers).
+    """
+
+    metadata: BatchMetadata
+    storage_layer: int
+    group: CacheGroup
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.group.group.window
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.group.group.chunk_size
+
+
+@dataclass(frozen=True, slots=True)
+class HybridMetadata:
+    """One step's metadata for every cache group of a hybrid model (``groups[i]`` for cache group ``i``)."""
+
+    layout: GroupLayout
+    groups: tuple[BatchMetadata, ...]
+
+    def for_layer(self, layer: int) -> LayerStep:
+        group, storage_layer = self.layout.locate(layer)
+        return LayerStep(self.groups[group.index], storage_layer, group)
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return self.groups[0].request_ids

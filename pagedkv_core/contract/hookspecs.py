@@ -8,11 +8,12 @@ import pluggy
 
 from ..events import CacheEvent
 from .backend import BackendSpec
+from .cli import CliCommand
 
 hookspec = pluggy.HookspecMarker("pagedkv")
 hookimpl = pluggy.HookimplMarker("pagedkv")
 
-__all__ = ["hookspec", "hookimpl", "pagedkv_backends", "pagedkv_cache_event"]
+__all__ = ["hookspec", "hookimpl", "pagedkv_backends", "pagedkv_cache_event", "pagedkv_cli_commands"]
 
 
 @hookspec
@@ -33,3 +34,17 @@ def pagedkv_cache_event(event: CacheEvent, manager: Any) -> None:
     Called in order, synchronously, for managers created with
     ``event_hook=registry.plugin_manager.hook``; see :mod:`pagedkv_core.events`.
     """
+
+
+@hookspec
+def pagedkv_cli_commands() -> list[CliCommand]:
+    """Return the ``pagedkv`` subcommands this plugin adds, as :class:`CliCommand` descriptions.
+
+    Implemented by modules of the ``pagedkv.cli`` entry-point group (the
+    conformance suite's ``pagedkv conformance`` is one), so the core's command
+    line never imports the distributions that extend it. Called every time the
+    ``pagedkv`` parser is built: keep the module's imports light. A name the
+    core already uses (``backends``, ``demo``, ``bench``) or another plugin
+    already provides is refused, not overridden.
+    """
+    raise NotImplementedError  # a specification: pluggy calls the implementations

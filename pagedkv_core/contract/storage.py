@@ -140,6 +140,10 @@ class StorageChecks:
     """Host-side argument checks shared by every backend's storage."""
 
     def __init__(self, config: CacheConfig) -> None:
+        if config.hybrid:
+            raise InvalidArgument(
+                "a config with layer_groups is served by HybridCacheManager; build the storage from "
+                "config.storage_config() (one layer per slot of a cache group), not from the config itself")
         self.config = config
         self.num_slots = config.num_blocks * config.block_size
 

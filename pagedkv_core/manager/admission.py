@@ -86,6 +86,16 @@ class Admission:
                 self.pool.incref(block)
         return [self._admit(r, plan, fetched, pinned=True) for r, plan, fetched in zip(requests, plans, prefetched)]
 
+    def admit_plan(self, request: AllocationRequest, plan: AdmissionPlan) -> Sequence:
+        """Commit a plan a coordinator made (hybrid groups), whose free blocks it checked across groups.
+
+        ``plan.hits`` may begin with the pool's null block, standing for
+        blocks a sliding or chunked group never reads again.
+        """
+        if request.request_id in self.sequences:
+            raise SequenceExists(request.request_id)
+        return self._admit(request, plan)
+
     def _admit(self, request: AllocationRequest, plan: AdmissionPlan, prefetched: Prefetched | None = None, *,
                pinned: bool = False) -> Sequence:
         """Commit an admission whose blocks were checked to be available (hits already pinned if ``pinned``)."""

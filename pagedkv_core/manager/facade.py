@@ -31,10 +31,8 @@ from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..blocks.hashing import BlockHasher
-from ..blocks.metadata import BatchMetadata, build_batch_metadata
+from ..blocks.metadata import BatchMetadata
 from ..blocks.pool import BlockPool
 from ..blocks.tables import TableArrays
 from ..config import AllocationRequest, CacheConfig, PrefixCacheConfig
@@ -357,19 +355,7 @@ class PagedKvCacheManager(AdvancedKvCacheManager):
     def batch_metadata(self, request_ids: Seq[str], query_lens: Seq[int] | None = None) -> BatchMetadata:
         """Kernel metadata for a batch whose last ``query_lens[i]`` tokens are new (default: 1 each)."""
         with self.lock:
-            seqs = [self.sequences.running(r) for r in request_ids]
-            rows = np.fromiter((s.row for s in seqs), np.int64, len(seqs))
-            if query_lens is None:
-                qlens = np.ones(len(seqs), np.int32)
-            else:
-                qlens = np.asarray(query_lens, np.int32)
-                if qlens.shape != (len(seqs),) or (qlens < 0).any():
-                    raise InvalidArgument("query_lens must be one non-negative count per request")
-            tables = self.sequences.tables
-            if (qlens > tables.lens[rows]).any():
-                raise InvalidArgument("a sequence has more new tokens than cached tokens")
-            return build_batch_metadata(tuple(request_ids), tables.tables, tables.lens, rows,
-                                        None if query_lens is None else qlens, self.config.block_size)
+            return self.sequences.metadata(request_ids, query_lens, self.config.block_size)
 
     # -- persistence --------------------------------------------------------------------------
 

@@ -47,20 +47,15 @@ class Growth:
             raise InvalidArgument("a request id appears twice in one batch")
         if token_ids is not None and len(token_ids) != len(seqs):
             raise InvalidArgument("token_ids must hold one token per request")
-        pool, ref, bs, width = self.pool, self.pool.ref, self.block_size, self.sequences.max_width
-        needed = 0
-        for seq in seqs:
-            if seq.state is not RUNNING:
-                raise SequenceNotResident(seq.request_id, seq.state.value)
-            offset = seq.num_tokens % bs
-            if offset == 0:
-                if len(seq.blocks) >= width:
-                    raise OutOfBounds(seq.num_tokens, width * bs)
-                needed += 1
-            elif ref[seq.blocks[-1]] > 1:
-                needed += 1
-        if needed > pool.num_free:
-            raise OutOfBlocks(needed, pool.num_free)
+        needed = self.append_need(seqs)
+        if needed > self.pool.num_free:
+            raise OutOfBlocks(needed, self.pool.num_free)
+        return self.append_checked(request_ids, seqs, token_ids)
+
+    def append_checked(self, request_ids: Seq[str], seqs: list[Sequence],
+                       token_ids: Seq[int] | None) -> BatchMetadata:
+        """Commit a decode step whose batch :meth:`append_need` validated and whose blocks are free."""
+        pool, ref, bs = self.pool, self.pool.ref, self.block_size
         tables, now, hash_full = self.sequences.tables, self.clock(), self.prefix.hash_full_blocks
         slots = [0] * len(seqs)
         cow_src: list[int] = []
@@ -100,6 +95,22 @@ class Growth:
         return build_batch_metadata(tuple(request_ids), tables.tables, tables.lens, rows, None, bs,
                                     np.array(slots, np.int32))
 
+    def append_need(self, seqs: list[Sequence]) -> int:
+        """Free blocks a decode step of ``seqs`` takes; raises for every other reason it would fail."""
+        ref, bs, width = self.pool.ref, self.block_size, self.sequences.max_width
+        needed = 0
+        for seq in seqs:
+            if seq.state is not RUNNING:
+                raise SequenceNotResident(seq.request_id, seq.state.value)
+            offset = seq.num_tokens % bs
+            if offset == 0:
+                if len(seq.blocks) >= width:
+                    raise OutOfBounds(seq.num_tokens, width * bs)
+                needed += 1
+            elif ref[seq.blocks[-1]] > 1:
+                needed += 1
+        return needed
+
     def extend_batch(self, request_ids: Seq[str], counts: Seq[int] | None = None,
                      token_ids: Seq[Seq[int] | None] | None = None) -> None:
         """Reserve slots for a whole scheduler step at once; all or nothing.
@@ -116,7 +127,14 @@ class Growth:
         self._reserve(seqs, sizes, token_ids)
 
     def _reserve(self, seqs: list[Sequence], counts: list[int], token_ids: Seq[Seq[int] | None] | None) -> None:
-        widest = self._check_reserve(seqs, counts, token_ids)
+        needed, widest = self.reserve_need(seqs, counts, token_ids)
+        if needed > self.pool.num_free:
+            raise OutOfBlocks(needed, self.pool.num_free)
+        self.reserve_checked(seqs, counts, token_ids, widest)
+
+    def reserve_checked(self, seqs: list[Sequence], counts: list[int], token_ids: Seq[Seq[int] | None] | None,
+                        widest: int) -> None:
+        """Reserve slots whose need :meth:`reserve_need` computed and the caller saw to be free."""
         bs, ref = self.block_size, self.pool.ref
         cow_src: list[int] = []
         cow_dst: list[int] = []
@@ -156,9 +174,9 @@ class Growth:
             self.storage.copy_blocks(cow_src, cow_dst)
             self.counters["cow_copies"] += len(cow_src)
 
-    def _check_reserve(self, seqs: list[Sequence], counts: list[int],
-                       token_ids: Seq[Seq[int] | None] | None) -> int:
-        """Every reason :meth:`_reserve` could fail, before anything changes; returns the widest row needed."""
+    def reserve_need(self, seqs: list[Sequence], counts: list[int],
+                     token_ids: Seq[Seq[int] | None] | None) -> tuple[int, int]:
+        """Free blocks a reservation takes and the widest row it needs; raises for every other reason it would fail."""
         bs, width, ref = self.block_size, self.sequences.max_width, self.pool.ref
         needed = widest = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -175,9 +193,7 @@ class Growth:
             given = None if token_ids is None else token_ids[i]
             if given is not None and len(given) != n:
                 raise InvalidArgument(f"{seq.request_id!r}: {len(given)} token ids for {n} tokens")
-        if needed > self.pool.num_free:
-            raise OutOfBlocks(needed, self.pool.num_free)
-        return widest
+        return needed, widest
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Roll back the last ``num_tokens`` tokens (rejected speculative tokens)."""

@@ -36,6 +36,7 @@ class Sequence:
     host: Any = None  # HostBlocks while swapped
     host_blocks: int = 0
     host_lossy: bool = False  # swapped out compressed: contents no longer match their hashes
+    live_from: int = 0  # blocks before this index fell out of a sliding/chunked group's reach (the null block)
 
     @property
     def cacheable(self) -> bool:

@@ -12,8 +12,11 @@ from collections.abc import Hashable, Iterator
 from collections.abc import Sequence as Sequence_
 from typing import Any
 
+import numpy as np
+
+from ..blocks.metadata import BatchMetadata, build_batch_metadata
 from ..blocks.tables import TableArrays
-from ..errors import SequenceNotResident, UnknownSequence
+from ..errors import InvalidArgument, SequenceNotResident, UnknownSequence
 from .records import SeqState, Sequence
 
 __all__ = ["SequenceTable"]
@@ -96,3 +99,24 @@ class SequenceTable:
         if num_tokens is not None:
             seq.num_tokens = num_tokens
         self.tables.set_row(seq.row, blocks, seq.num_tokens)
+
+    def metadata(self, request_ids: Sequence_[str], query_lens: Sequence_[int] | None,
+                 block_size: int) -> BatchMetadata:
+        """Kernel metadata for running sequences whose last ``query_lens[i]`` tokens are new (default: 1 each)."""
+        seqs = [self.running(r) for r in request_ids]
+        rows = np.fromiter((s.row for s in seqs), np.int64, len(seqs))
+        if query_lens is None:
+            qlens = np.ones(len(seqs), np.int32)
+        else:
+            qlens = np.asarray(query_lens, np.int32)
+            if qlens.shape != (len(seqs),) or (qlens < 0).any():
+                raise InvalidArgument("query_lens must be one non-negative count per request")
+        if (qlens > self.tables.lens[rows]).any():
+            raise InvalidArgument("a sequence has more new tokens than cached tokens")
+        return build_batch_metadata(tuple(request_ids), self.tables.tables, self.tables.lens, rows,
+                                    None if query_lens is None else qlens, block_size)
+
+    def replace_block(self, seq: Sequence, index: int, block: int) -> None:
+        """Put ``block`` at logical ``index`` of a sequence (record and row): the window's null-block swap."""
+        seq.blocks[index] = block
+        self.tables.tables[seq.row, index] = block
