@@ -57,37 +57,42 @@ class Growth:
         """Commit a decode step whose batch :meth:`append_need` validated and whose blocks are free."""
         pool, ref, bs = self.pool, self.pool.ref, self.block_size
         tables, now, hash_full = self.sequences.tables, self.clock(), self.prefix.hash_full_blocks
-        slots = [0] * len(seqs)
+        allocate_one, append_to_row, feed = pool.allocate_one, tables.append, token_ids is not None
+        count = len(seqs)
+        slots = [0] * count
+        row_list = [0] * count
         cow_src: list[int] = []
         cow_dst: list[int] = []
         for i, seq in enumerate(seqs):
-            n, blocks = seq.num_tokens, seq.blocks
+            n, blocks, row = seq.num_tokens, seq.blocks, seq.row
             offset = n % bs
-            if offset == 0:
-                block = pool.allocate_one()
-                tables.append(seq.row, len(blocks), block)
-                blocks.append(block)
-            else:
+            if offset:
                 block = blocks[-1]
                 if ref[block] > 1:  # shared partly filled block: copy on write
                     cow_src.append(block)
                     pool.drop_reference(block)
-                    block = pool.allocate_one()
+                    block = allocate_one()
                     cow_dst.append(block)
                     blocks[-1] = block
-                    tables.tables[seq.row, len(blocks) - 1] = block
+                    tables.tables[row, len(blocks) - 1] = block
+            else:
+                block = allocate_one()
+                append_to_row(row, len(blocks), block)
+                blocks.append(block)
             slots[i] = block * bs + offset
+            row_list[i] = row
             seq.num_tokens = n + 1
             seq.last_access = now
             seq.access_count += 1
-            if seq.token_ids is not None:
-                if token_ids is None:
-                    seq.token_ids, seq.root = None, None
-                else:
-                    seq.token_ids.append(token_ids[i])
+            tokens = seq.token_ids
+            if tokens is not None:
+                if feed:
+                    tokens.append(token_ids[i])  # type: ignore[index]
                     if offset == bs - 1:
                         hash_full(seq)
-        rows = np.fromiter([seq.row for seq in seqs], np.int64, len(seqs))
+                else:  # ids unknown: this sequence stops feeding the prefix cache
+                    seq.token_ids = seq.root = None
+        rows = np.array(row_list, np.int64)
         tables.lens[rows] += 1
         if cow_src:
             self.storage.copy_blocks(cow_src, cow_dst)
