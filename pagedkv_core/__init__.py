@@ -4,6 +4,7 @@ The core decides *which* blocks hold what; a backend (NumPy, PyTorch, CuPy,
 MLX, or your own) moves the bytes and runs paged attention.
 """
 
+from .blocks.cascade import CascadeLayout, build_cascade
 from .blocks.metadata import BatchMetadata, HybridMetadata, LayerStep
 from .blocks.pool import BlockPool
 from .blocks.tables import BlockTable
@@ -72,7 +73,7 @@ __all__ = [
     "EvictionPolicy", "MemoryPressure",
     # the reference implementation
     "PagedKvCacheManager", "PagedKvCacheHandle", "SeqState", "MultiDeviceManager", "BlockPool", "BlockTable",
-    "BatchMetadata",
+    "BatchMetadata", "CascadeLayout", "build_cascade",
     # hybrid models: layer groups
     "LayerGroup", "CacheGroup", "GroupLayout", "HybridCacheManager", "HybridMetadata", "LayerStep", "Admitted",
     "PrefixExplanation", "GroupHit",

@@ -43,8 +43,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..blocks.cascade import CascadeLayout
 from ..config import CacheConfig
 from ..errors import DeviceMismatch, DTypeMismatch, InvalidArgument, InvalidBlock, OutOfBounds, ShapeMismatch
+from .cascade import check_cascade
 from .storage import BlockStorage, as_index_array
 
 __all__ = [
@@ -452,18 +454,34 @@ class AttentionBase:
     def plan(self, storage: BlockStorage, block_tables: Array, seq_lens: Array,
              query_start_loc: Array | None = None, *, causal: bool = True, scale: float | None = None,
              sliding_window: int | None = None, soft_cap: float | None = None,
-             chunk_size: int | None = None) -> AttentionPlan:
+             chunk_size: int | None = None, cascade: CascadeLayout | None = None) -> AttentionPlan:
         """Validate a batch once and plan it (see :meth:`Attention.plan`).
 
         ``block_tables: int [batch, max_blocks]``, ``seq_lens: int [batch]``,
         ``query_start_loc: int [batch + 1]`` or ``None`` for decode; host
-        NumPy arrays, lists or the backend's tensors. Typed errors of
-        :mod:`pagedkv_core.errors` before any work.
+        NumPy arrays, lists or the backend's tensors. ``cascade``: a decode
+        batch's shared-prefix layout (``BatchMetadata.cascade()``), checked
+        against the tables and handed to :meth:`plan_cascade`. Typed errors
+        of :mod:`pagedkv_core.errors` before any work.
         """
         config = self.check_storage(storage)
         index = check_batch(config, block_tables, seq_lens, query_start_loc)
         params = AttentionParams.make(config.head_dim, scale=scale, causal=causal, sliding_window=sliding_window,
                                       soft_cap=soft_cap, chunk_size=chunk_size)
+        if cascade is None:
+            return self.plan_index(storage, index, params)
+        layout = check_cascade(cascade, index.block_tables, index.seq_lens, index.is_decode, config,
+                               sliding_window=params.sliding_window, chunk_size=params.chunk_size)
+        return self.plan_cascade(storage, index, params, layout)
+
+    def plan_cascade(self, storage: BlockStorage, index: BatchIndex, params: AttentionParams,
+                     layout: CascadeLayout) -> AttentionPlan:
+        """Plan a decode batch whose groups share leading blocks (``layout``, already checked).
+
+        Backends listing ``"cascade"`` override it to read each shared block
+        once per group; this default plans the batch as usual, which gives
+        the same result.
+        """
         return self.plan_index(storage, index, params)
 
     def plan_index(self, storage: BlockStorage, index: BatchIndex, params: AttentionParams) -> AttentionPlan:
@@ -485,9 +503,12 @@ class AttentionBase:
 
     def decode(self, q: Array, storage: BlockStorage, layer: int, block_tables: Array, seq_lens: Array, *,
                scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
-               chunk_size: int | None = None, sinks: Array | None = None) -> Array:
+               chunk_size: int | None = None, sinks: Array | None = None,
+               cascade: CascadeLayout | None = None) -> Array:
         """See :meth:`Attention.decode`."""
         extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}  # older plans lack it
+        if cascade is not None:
+            extra["cascade"] = cascade
         plan = self.plan(storage, block_tables, seq_lens, None, scale=scale,
                          sliding_window=sliding_window, soft_cap=soft_cap, **extra)
         options: dict[str, Any] = {} if sinks is None else {"sinks": sinks}  # only backends listing "sinks" take it

@@ -1,0 +1,46 @@
+"""The shared-prefix (cascade) layout of a decode batch, as the manager's tables give it."""
+
+import numpy as np
+
+from pagedkv_core import AllocationRequest, CacheConfig, PagedKvCacheManager, build_cascade
+from pagedkv_numpy.storage import NumpyStorage
+
+
+def _manager() -> PagedKvCacheManager:
+    return PagedKvCacheManager(NumpyStorage(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=256,
+                                                        block_size=4)))
+
+
+def test_forks_and_prefix_hits_form_groups_of_whole_shared_blocks():
+    m = _manager()
+    system = tuple(range(100, 118))  # 18 tokens: 4 whole blocks and a partial one
+    m.allocate(AllocationRequest("a", token_ids=system + (1, 2, 3)))
+    m.allocate(AllocationRequest("b", token_ids=system + (7,)))  # a prefix hit of 4 blocks
+    m.fork("a", "a2")
+    m.allocate(AllocationRequest("solo", token_ids=tuple(range(9))))
+    meta = m.append_slots(["a", "b", "a2", "solo"], [0, 0, 0, 0])
+    layout = meta.cascade()
+    assert layout.num_groups == 1
+    rows, blocks = layout.group(0)
+    assert rows.tolist() == [0, 1, 2]
+    # a and a2 share 5 whole blocks, b only the 4 of the prompt hit: the group shares what all three have
+    assert blocks.tolist() == list(m.get_handle("b").block_table.block_ids[:4])
+    assert layout.shared_tokens.tolist() == [16, 16, 16, 0]
+    assert layout.shared_reads_saved == 2 * 4
+
+
+def test_only_blocks_every_member_has_filled_are_shared():
+    tables = np.array([[5, 6, 7], [5, 6, 7], [5, 6, 9]])
+    layout = build_cascade(tables, np.array([12, 9, 11]), 4)
+    rows, blocks = layout.group(0)
+    assert rows.tolist() == [0, 1, 2] and blocks.tolist() == [5, 6]  # row 1 has filled 2 blocks
+    assert build_cascade(tables, np.array([12, 3, 11]), 4).group(0)[1].tolist() == [5, 6]
+
+
+def test_thresholds_and_a_batch_without_sharing():
+    tables = np.array([[1, 2], [1, 2], [3, 4]])
+    lens = np.array([8, 8, 8])
+    assert build_cascade(tables, lens, 4, min_group_size=3).num_groups == 0
+    assert build_cascade(tables, lens, 4, min_shared_blocks=3).num_groups == 0
+    empty = build_cascade(np.array([[1], [2]]), np.array([3, 4]), 4)
+    assert empty.num_groups == 0 and empty.members.size == 0 and empty.shared_tokens.tolist() == [0, 0]
