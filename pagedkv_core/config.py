@@ -143,8 +143,17 @@ class CacheConfig:
 
     @property
     def max_blocks_per_seq(self) -> int:
-        """Width of a block-table row: enough for ``max_seq_len`` (default: the whole pool)."""
+        """Width of a block-table row: enough for ``max_seq_len``.
+
+        Default: the whole pool; for a hybrid model whose every KV group
+        releases old blocks (all sliding or chunked), positions are not bounded
+        by the pool, so the default is the int32 position limit (rows grow
+        only as far as a sequence does).
+        """
         if self.max_seq_len is None:
+            layout = self._layout
+            if layout is not None and all(g.drops_blocks for g in layout.cache_groups):
+                return (2**31 - 1) // self.block_size
             return self.num_blocks
         return math.ceil(self.max_seq_len / self.block_size)
 

@@ -103,6 +103,16 @@ class LayerGroup:
             return num_tokens // self.chunk_size * self.chunk_size
         return 0
 
+    def shortest_length_keeping(self, first_kept: int) -> int:
+        """The fewest tokens a sequence can have while its queries read nothing before position ``first_kept``."""
+        if first_kept <= 0:
+            return 0
+        if self.window is not None:
+            return first_kept + self.window - 1
+        if self.chunk_size is not None:
+            return -(-first_kept // self.chunk_size) * self.chunk_size
+        return 0
+
 
 @dataclass(frozen=True, slots=True)
 class CacheGroup:

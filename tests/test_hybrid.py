@@ -297,3 +297,37 @@ def test_the_tokens_of_the_last_step_can_always_be_rolled_back():
     m.check_invariants()
     with pytest.raises(InvalidArgument, match="released"):
         m.trim("a", 4)
+
+
+@pytest.mark.parametrize("groups", [
+    (LayerGroup.full([0]), LayerGroup.sliding(6, [1])),
+    (LayerGroup.full([0]), LayerGroup.chunked_local(8, [1])),
+    (LayerGroup.sliding(5, [0]), LayerGroup.chunked_local(12, [1])),
+], ids=["sliding", "chunked", "both"])
+def test_rollback_limit_is_exactly_how_far_trim_goes(groups):
+    m = HybridCacheManager.create(_config(groups, 2))
+    m.allocate(AllocationRequest("a", initial_tokens=3))
+    assert m.rollback_limit("a") == 0
+    for _ in range(40):
+        m.append_slots(["a"])
+        limit = m.rollback_limit("a")
+        n = m.num_tokens("a")
+        assert limit <= n
+        if limit > 0:
+            with pytest.raises(InvalidArgument, match="released"):
+                m.trim("a", n - limit + 1)
+    m.trim("a", m.num_tokens("a") - m.rollback_limit("a"))
+    assert m.num_tokens("a") == m.rollback_limit("a")
+    m.check_invariants()
+
+
+def test_groups_that_all_release_are_not_bounded_by_the_pool():
+    config = _config((LayerGroup.sliding(8, [0, 1]),), 2, num_blocks=16)
+    m = HybridCacheManager.create(config)
+    m.allocate(AllocationRequest("a", initial_tokens=1))
+    for _ in range(200):
+        m.extend_batch(["a"], [1])
+    assert m.num_tokens("a") == 201 and m.num_used_blocks <= 8 // BS + 2
+    assert m.has_sequence("a") and not m.has_sequence("b")
+    bounded = _config((LayerGroup.full([0]), LayerGroup.sliding(8, [1])), 2, num_blocks=16)
+    assert bounded.max_blocks_per_seq == 16

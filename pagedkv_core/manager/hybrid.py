@@ -89,8 +89,18 @@ class HybridCacheManager:
     def request_ids(self) -> list[str]:
         return self.groups[0].sequences.ids()
 
+    def has_sequence(self, request_id: str) -> bool:
+        return request_id in self
+
     def num_tokens(self, request_id: str) -> int:
         return self.groups[0].sequences.find(request_id).num_tokens
+
+    def rollback_limit(self, request_id: str) -> int:
+        """The shortest length ``trim`` can bring ``request_id`` back to (0 until a group released blocks)."""
+        with self.lock:
+            bs = self.config.block_size
+            return max(g.spec.shortest_length_keeping(g.sequences.find(request_id).live_from * bs)
+                       for g in self.groups)
 
     def state_slot(self, request_id: str, layer: int) -> int:
         """The row of ``request_id`` in the engine's state arrays of ``layer``'s state group."""

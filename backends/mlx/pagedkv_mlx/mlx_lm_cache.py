@@ -1,213 +1,64 @@
-"""mlx-lm's per-layer KV-cache protocol over a paged pool: :class:`PagedKVCache` and :func:`make_paged_prompt_cache`.
+"""mlx-lm's per-layer KV-cache protocol over a paged pool: :func:`make_paged_prompt_cache` and its layer views.
 
 mlx-lm gives a model a *prompt cache*: a list with one cache object per
 layer, each with ``update_and_fetch(keys, values)`` and an ``offset``. Here
 the layers of one prompt cache are thin views (a layer index) over one
-:class:`PagedSequences`: a sequence per batch row in a
-:class:`~pagedkv_core.PagedKvCacheManager` whose storage is an
-:class:`~pagedkv_mlx.storage.MlxStorage` holding every layer's pools.
+:class:`~pagedkv_mlx.mlx_lm_rows.PagedSequences`: a sequence per batch row in
+a manager whose storage is an :class:`~pagedkv_mlx.storage.MlxStorage`.
+
+The view of a layer stands in for the cache mlx-lm's ``model.make_cache()``
+gives it: :class:`PagedKVCache` for ``KVCache`` (full attention),
+:class:`PagedSlidingKVCache` for ``RotatingKVCache`` (a sliding window) and
+:class:`PagedChunkedKVCache` for ``ChunkedKVCache`` (chunked-local attention,
+Llama 4). Each returns to the model's attention the keys and values, and
+builds the mask, that mlx-lm's own class would. A model whose layers all use
+``KVCache`` runs on a :class:`~pagedkv_core.PagedKvCacheManager` with one
+block table; a hybrid one on a :class:`~pagedkv_core.HybridCacheManager`
+with a cache group per kind (:mod:`pagedkv_mlx.mlx_lm_groups`), whose sliding
+and chunked groups return the blocks no future query can read to the pool
+while the sequence grows, instead of keeping a private window buffer per layer.
 
 A forward pass reserves the new positions once, for all layers: the first
 layer whose update reaches past the reserved tokens extends every row
-(``manager.extend_batch``, copy-on-write included); each layer then scatters
-its new keys and values with one ``storage.write`` and returns the gathered
-K/V ``[batch, n_kv_heads, offset, head_dim]``. Each layer keeps its own
-``offset`` (a layer reads it for RoPE before its update), so the views stay
-independent within a forward pass.
+(``manager.extend_batch``, copy-on-write and window releases included); each
+layer then scatters its new keys and values with one ``storage.write`` and
+returns the gathered K/V ``[batch, n_kv_heads, tokens, head_dim]``. Each
+layer keeps its own ``offset`` (a layer reads it for RoPE before its update),
+so the views stay independent within a forward pass.
 
 Written for mlx-lm 0.32 (tested with 0.32.2 on mlx 0.32.4). mlx-lm itself is
-imported only by :meth:`PagedKVCache.make_mask`, so importing this module needs
+imported only when a model builds its masks, so importing this module needs
 MLX but not mlx-lm. Like the storage, a prompt cache is not thread-safe.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from pagedkv_core.config import AllocationRequest, CacheConfig
+from pagedkv_core.config import CacheConfig
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOperation
 from pagedkv_core.manager.facade import PagedKvCacheManager
+from pagedkv_core.manager.hybrid import HybridCacheManager
 
+from .mlx_lm_groups import layer_kinds, model_layer_groups, shortest_length
+from .mlx_lm_rows import Manager, PagedSequences
 from .storage import MlxStorage
 
-__all__ = ["PagedKVCache", "PagedSequences", "make_paged_prompt_cache", "load_paged_prompt_cache"]
+__all__ = ["PagedKVCache", "PagedSlidingKVCache", "PagedChunkedKVCache", "PagedSequences",
+           "make_paged_prompt_cache", "load_paged_prompt_cache"]
 
 Array = Any  # mx.array
 
-_CACHES = itertools.count()
 _FLOAT_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-_LOADABLE = ("PagedKVCache", "KVCache")  # classes whose state is (keys, values, offset)
-
-
-def _release(manager: PagedKvCacheManager, request_ids: list[str]) -> None:
-    """Free the rows' sequences (also the finalizer of a :class:`PagedSequences`, so it must not hold one)."""
-    for rid in request_ids:
-        if manager.has_sequence(rid):
-            manager.deallocate(rid)
-    request_ids.clear()
-
-
-class PagedSequences:
-    """The state every layer of one prompt cache shares: one manager sequence per batch row, each layer's offset.
-
-    Rows open on the first write (as many as its batch) or with :meth:`admit`;
-    they are freed by :meth:`release` or when the last layer view is
-    garbage-collected. Several prompt caches may share one
-    manager (pass ``manager=`` to :func:`make_paged_prompt_cache`): that is
-    how a prompt admitted with its token ids reuses another's prefix blocks.
-    """
-
-    def __init__(self, manager: PagedKvCacheManager) -> None:
-        self.manager = manager
-        self.storage: MlxStorage = manager.storage
-        self.config: CacheConfig = manager.config
-        self.offsets = [0] * self.config.num_layers
-        self.request_ids: list[str] = []  # mutated in place only: the finalizer holds this list
-        self.dtype: Any = None  # the model's K/V dtype, learnt from the writes; fetches return it
-        self._name = f"mlx-lm-{next(_CACHES)}"
-        self._finalizer = weakref.finalize(self, _release, manager, self.request_ids)
-
-    # -- rows ----------------------------------------------------------------
-
-    @property
-    def reserved(self) -> int:
-        """Token slots each row holds (every layer's offset is at most this)."""
-        if not self.request_ids:
-            return 0
-        return self.manager.get_handle(self.request_ids[0]).num_tokens
-
-    def admit(self, token_ids: Sequence[int] | Any, *, cache_salt: str | None = None) -> int:
-        """Start this empty cache with a one-row prompt; return how many leading tokens the prefix cache holds.
-
-        ``token_ids`` (ints, 1-D NumPy or MLX array) is the whole prompt. The
-        manager reserves its slots and shares the full blocks it already
-        holds; feed the model only ``token_ids[cached:]`` (at least one token
-        is always left to compute). Run that forward before admitting another
-        prompt with the same prefix: the prompt's blocks are registered now,
-        and must be written before anyone reads them.
-        """
-        if self.request_ids or any(self.offsets):
-            raise InvalidArgument("admit starts a prompt cache: this one already holds tokens (release() it first)")
-        tokens = tuple(int(t) for t in np.asarray(token_ids).reshape(-1).tolist())
-        rid = f"{self._name}/0"
-        handle = self.manager.allocate(AllocationRequest(rid, token_ids=tokens, cache_salt=cache_salt))
-        self.request_ids.append(rid)
-        cached = handle.num_cached_tokens
-        self.offsets[:] = [cached] * len(self.offsets)
-        return cached
-
-    def _open(self, batch: int) -> None:
-        ids = [f"{self._name}/{row}" for row in range(batch)]
-        self.manager.allocate_batch([AllocationRequest(rid, initial_tokens=0) for rid in ids])
-        self.request_ids.extend(ids)
-
-    def release(self) -> None:
-        """Free every row's blocks now (full ones stay in the prefix cache); the cache reads as empty."""
-        _release(self.manager, self.request_ids)
-        self.offsets[:] = [0] * len(self.offsets)
-
-    def block_tables(self) -> np.ndarray:
-        """int32 ``[batch, blocks]``: each row's physical blocks, read from the manager at each call."""
-        rows = len(self.request_ids)
-        return self.manager.batch_metadata(self.request_ids, [0] * rows).block_tables
-
-    # -- data ----------------------------------------------------------------
-
-    def _check(self, keys: Array, values: Array) -> None:
-        c = self.config
-        expected = (c.num_kv_heads, c.head_dim)
-        if keys.ndim != 4 or (keys.shape[1], keys.shape[3]) != expected:
-            raise ShapeMismatch(f"keys must be [batch, {c.num_kv_heads}, tokens, {c.head_dim}], got {keys.shape}")
-        if tuple(values.shape) != tuple(keys.shape):
-            raise ShapeMismatch(f"values {values.shape} must have the shape of keys {keys.shape}")
-        if self.request_ids and keys.shape[0] != len(self.request_ids):
-            rows = len(self.request_ids)
-            raise ShapeMismatch(f"this prompt cache holds {rows} rows, got a batch of {keys.shape[0]}")
-
-    def write(self, layer: int, keys: Array, values: Array) -> tuple[int, np.ndarray]:
-        """Append ``keys, values [batch, n_kv_heads, tokens, head_dim]`` to ``layer``.
-
-        Positions not reserved yet are reserved for every row (and so for
-        every layer) first; then one ``storage.write`` scatters the tokens.
-        Returns the layer's new offset and the block tables it wrote through.
-        """
-        self._check(keys, values)
-        batch, heads, count, dim = keys.shape
-        start = self.offsets[layer]
-        if not self.request_ids:
-            self._open(batch)
-        missing = start + count - self.reserved
-        if missing > 0:
-            self.manager.extend_batch(self.request_ids, [missing] * batch)
-        bs = self.config.block_size
-        pos = np.arange(start, start + count)
-        tables = self.block_tables()
-        slots = (tables[:, pos // bs].astype(np.int64) * bs + pos % bs).reshape(-1)
-        k = keys.transpose(0, 2, 1, 3).reshape(batch * count, heads, dim)
-        v = values.transpose(0, 2, 1, 3).reshape(batch * count, heads, dim)
-        self.storage.write(layer, slots, k, v)
-        self.offsets[layer] = start + count
-        self.dtype = keys.dtype
-        return start + count, tables
-
-    def fetch(self, layer: int, length: int, tables: np.ndarray | None = None) -> tuple[Array, Array]:
-        """The first ``length`` tokens of ``layer`` as K, V ``[batch, n_kv_heads, length, head_dim]``.
-
-        ``tables``: the rows' current block tables, when the caller has them.
-        """
-        ks, vs = [], []
-        for table in self.block_tables() if tables is None else tables:
-            k, v = self.storage.gather(layer, table, length)
-            ks.append(k)
-            vs.append(v)
-        k, v = (mx.stack(ks), mx.stack(vs)) if len(ks) > 1 else (ks[0][None], vs[0][None])
-        if self.dtype is not None and k.dtype != self.dtype:  # int8 pools, or a pool wider than the model
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
-        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-    def trim(self, layer: int, num_tokens: int) -> int:
-        """Roll ``layer`` back by up to ``num_tokens``; slots beyond every layer's offset go back to the manager."""
-        n = max(0, min(self.offsets[layer], int(num_tokens)))
-        self.offsets[layer] -= n
-        extra = self.reserved - max(self.offsets)
-        if n and extra > 0:
-            for rid in self.request_ids:
-                self.manager.trim(rid, extra)
-        return n
-
-    def fork(self) -> PagedSequences:
-        """A copy-on-write twin: new rows share every block (``manager.fork``) until one of them writes."""
-        twin = PagedSequences(self.manager)
-        twin.offsets[:] = self.offsets
-        twin.dtype = self.dtype
-        extra = self.reserved - max(self.offsets)
-        for row, rid in enumerate(self.request_ids):
-            new = f"{twin._name}/{row}"
-            self.manager.fork(rid, new)
-            twin.request_ids.append(new)
-            if extra > 0:  # reserved but unwritten slots stay with the original
-                self.manager.trim(new, extra)
-        return twin
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes of the distinct blocks the rows hold, all layers (blocks shared with others included)."""
-        if not self.request_ids:
-            return 0
-        meta = self.manager.batch_metadata(self.request_ids, [0] * len(self.request_ids))
-        bs = self.config.block_size
-        held = [row[: -(-int(n) // bs)] for row, n in zip(meta.block_tables, meta.seq_lens)]
-        return int(np.unique(np.concatenate(held)).size) * self.config.bytes_per_block
+# classes whose state is (keys, values, offset)
+_LOADABLE = ("PagedKVCache", "PagedSlidingKVCache", "PagedChunkedKVCache", "KVCache")
 
 
 class PagedKVCache:
-    """One layer of a paged prompt cache: mlx-lm's per-layer cache protocol (as its ``KVCache``).
+    """One full-attention layer of a paged prompt cache: mlx-lm's per-layer cache protocol (as its ``KVCache``).
 
     ``state`` is ``(keys, values, offset)`` with exactly ``offset`` tokens, the
     format of mlx-lm's ``KVCache``, so states move between the two classes and
@@ -215,7 +66,8 @@ class PagedKVCache:
     them back. ``meta_state`` is empty, as for ``KVCache`` in the mlx-lm
     releases that have it. ``copy.deepcopy`` of a prompt cache (what mlx-lm's
     ``LRUPromptCache`` does) forks its sequences copy-on-write instead of
-    copying K/V.
+    copying K/V. The sliding and chunked layers below differ only in which
+    positions they return and in their masks.
     """
 
     __slots__ = ("sequences", "layer")
@@ -230,9 +82,14 @@ class PagedKVCache:
         return self.sequences.offsets[self.layer]
 
     def update_and_fetch(self, keys: Array, values: Array) -> tuple[Array, Array]:
-        """Append ``keys, values [B, n_kv_heads, L, head_dim]``; return K, V ``[B, n_kv_heads, offset, head_dim]``."""
+        """Append ``keys, values [B, n_kv_heads, L, head_dim]``; return the K, V ``[B, n_kv_heads, T, head_dim]`` to attend.
+
+        ``T`` runs from the oldest position the new queries can see (0 for a
+        full layer) to the new ``offset``.
+        """
+        first = self.sequences.visible_from(self.layer, self.offset)
         length, tables = self.sequences.write(self.layer, keys, values)
-        return self.sequences.fetch(self.layer, length, tables)
+        return self.sequences.fetch(self.layer, length, tables, first)
 
     def make_mask(self, *args: Any, **kwargs: Any) -> Any:
         """The attention mask of ``N`` new tokens after ``offset`` ones (mlx-lm's own rule, as ``KVCache``)."""
@@ -242,29 +99,47 @@ class PagedKVCache:
 
     @property
     def state(self) -> tuple[Array | None, Array | None, int]:
+        """``(keys, values, offset)``: every token here, only those a future query can read in a window or chunk."""
         if not self.offset:
             return None, None, 0
-        keys, values = self.sequences.fetch(self.layer, self.offset)
+        first = self.sequences.visible_from(self.layer, self.offset)
+        keys, values = self.sequences.fetch(self.layer, self.offset, first=first)
         return keys, values, self.offset
 
     @state.setter
     def state(self, value: Sequence[Any]) -> None:
         """Replace this layer's tokens with ``(keys, values[, offset])`` (a ``KVCache`` state works too).
 
-        Keys beyond ``offset`` (``KVCache`` keeps a padded buffer) are ignored.
-        Assigning to a layer that holds tokens, or to a cache whose layers are
-        all empty, first clears the whole prompt cache (the layers share one
-        block table): assign every layer, in any order, as a loader does.
+        ``keys`` holds either every token from position 0 (keys beyond
+        ``offset``, ``KVCache``'s padded buffer, are ignored) or, with fewer
+        than ``offset`` tokens, the newest ones: enough for a sliding or
+        chunked layer, whose state is that tail (the cache then cannot be
+        trimmed back past what the tail covers). Assigning to a layer that
+        holds tokens, or to a cache whose layers are all empty, first clears the
+        whole prompt cache (the layers share their rows): assign every layer,
+        in any order, as a loader does.
         """
         keys, values, *rest = value
+        if len(rest) > 1:
+            raise UnsupportedOperation(f"{type(self).__name__} takes a (keys, values[, offset]) state, "
+                                       f"got {len(value)} entries (mlx-lm's RotatingKVCache and ChunkedKVCache "
+                                       "states do not load into a paged cache)")
+        offset = 0 if keys is None else int(rest[0]) if rest else keys.shape[2]
+        first = self.sequences.visible_from(self.layer, offset)
+        held = 0 if keys is None else keys.shape[2]
+        start = first if held >= offset else first - (offset - held)  # from position 0, or the newest tokens
+        if start < 0:
+            raise ShapeMismatch(f"layer {self.layer} reads positions {first}..{offset - 1}, but the state's "
+                                f"{held} tokens start at position {offset - held}")
         seqs = self.sequences
         if self.offset or not any(seqs.offsets):
             seqs.release()
-        if keys is None:
+        if not offset:
             return
-        offset = int(rest[0]) if rest else keys.shape[2]
-        if offset:
-            seqs.write(self.layer, keys[..., :offset, :], values[..., :offset, :])
+        if held < offset:  # positions before the tail were never here: no rollback may reach them
+            seqs.floor = max(seqs.floor, shortest_length(seqs.group_of(self.layer).group, offset - held))
+        end = start + offset - first
+        seqs.write(self.layer, keys[..., start:end, :], values[..., start:end, :], start=first)
 
     @property
     def meta_state(self) -> str:
@@ -273,13 +148,16 @@ class PagedKVCache:
     @meta_state.setter
     def meta_state(self, value: Any) -> None:
         if value:
-            raise InvalidArgument(f"a PagedKVCache has no meta state (its state holds the offset), got {value!r}")
+            raise InvalidArgument(f"a {type(self).__name__} has no meta state (its state holds the offset), "
+                                  f"got {value!r}")
 
     def is_trimmable(self) -> bool:
-        return True
+        """Whether ``trim(n)`` drops ``n`` tokens (all it holds, at most): until a window or chunk let go of any."""
+        return self.sequences.shortest_length() == 0
 
     def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens (fewer if the layer holds fewer); return how many were dropped."""
+        """Drop the last ``n`` tokens (fewer if the layer holds fewer, or if a window or chunk let go of what
+        the shorter sequence would read); return how many were dropped, the same number for every layer."""
         return self.sequences.trim(self.layer, n)
 
     def size(self) -> int:
@@ -291,16 +169,109 @@ class PagedKVCache:
     @property
     def nbytes(self) -> int:
         """This layer's share of the device bytes of the blocks the cache holds (the sum over layers is the whole)."""
-        return self.sequences.nbytes // self.sequences.config.num_layers
+        seqs = self.sequences
+        return seqs.group_nbytes(seqs.group_of(self.layer).index) // seqs.slots
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PagedKVCache:
         twin = memo.get(id(self.sequences))
         if twin is None:
             twin = memo[id(self.sequences)] = self.sequences.fork()
-        return PagedKVCache(twin, self.layer)
+        return type(self)(twin, self.layer)
 
     def __repr__(self) -> str:
-        return f"PagedKVCache(layer={self.layer}, offset={self.offset}, rows={len(self.sequences.request_ids)})"
+        return (f"{type(self).__name__}(layer={self.layer}, offset={self.offset}, "
+                f"rows={len(self.sequences.request_ids)})")
+
+
+class PagedSlidingKVCache(PagedKVCache):
+    """A sliding-window layer: what mlx-lm's ``RotatingKVCache(max_size=window)`` gives attention, paged.
+
+    A query at ``t`` sees the ``window`` positions ``(t - window, t]``. The K/V
+    returned are those of mlx-lm's rotating cache, in temporal order (it keeps
+    a rotated buffer; attention does not depend on the order): for ``L`` new
+    tokens at ``offset``, the ``min(offset, window - 1)`` before them and the
+    ``L`` new ones. :meth:`make_mask` is ``RotatingKVCache.make_mask`` for those
+    keys. Blocks wholly before the window go back to the pool as the
+    sequence grows. ``state`` holds the ``min(offset, window - 1)`` newest
+    tokens, all a future query reads; the layer takes them back, or a
+    ``KVCache`` state of every token.
+    """
+
+    __slots__ = ()
+    keep = 0  # mlx-lm's RotatingKVCache attribute: no leading tokens are kept outside the window
+
+    @property
+    def max_size(self) -> int:
+        """The window, in tokens (the name of ``RotatingKVCache``'s bound)."""
+        return self.sequences.group_of(self.layer).group.window or 0
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
+        """The mask of ``N`` new queries over the keys :meth:`update_and_fetch` returns (``RotatingKVCache``'s rule)."""
+        from mlx_lm.models.base import create_causal_mask
+
+        window = self.max_size
+        if N > 1:
+            window_size = window_size or window
+            before = min(window - 1, self.offset)
+            if before + N > window_size or return_array:
+                return create_causal_mask(N, before, window_size=window_size)
+            return "causal"
+        keys = min(self.offset + 1, window)
+        if window_size is None or keys <= window_size:
+            return None
+        return mx.arange(keys) >= keys - window_size  # a narrower window than the cache's, in temporal order
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size)
+
+
+class PagedChunkedKVCache(PagedKVCache):
+    """A chunked-local layer: what mlx-lm's ``ChunkedKVCache(chunk_size)`` gives Llama 4's attention, paged.
+
+    A query at ``t`` sees the positions of its own chunk up to ``t``. The K/V
+    returned start at ``start_position``, the first position of the chunk of
+    the first new token (``ChunkedKVCache`` may start up to a chunk earlier, at
+    positions the model's chunk mask hides anyway), and Llama 4 builds its mask
+    from ``start_position`` and ``offset``, so the two agree. Blocks of earlier
+    chunks go back to the pool as the sequence grows. ``state`` holds the
+    tokens of the current chunk (none right at a chunk's start).
+    """
+
+    __slots__ = ()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.sequences.group_of(self.layer).group.chunk_size or 0
+
+    @property
+    def start_position(self) -> int:
+        """The first position the next update returns: the start of the chunk of position ``offset``."""
+        return self.sequences.visible_from(self.layer, self.offset)
+
+    def maybe_trim_front(self) -> None:
+        """Nothing to do: the returned positions follow ``offset``, and the manager releases old blocks itself."""
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
+        """The chunk mask of ``N`` new queries over the keys :meth:`update_and_fetch` returns.
+
+        ``ChunkedKVCache`` has no ``make_mask`` (Llama 4 builds this mask
+        itself); this one is given so that mlx-lm's ``create_attention_mask``
+        never pairs these keys with a plain causal mask.
+        """
+        start, chunk = self.start_position, self.chunk_size
+        keys = mx.arange(start, self.offset + N)[None]
+        queries = mx.arange(self.offset, self.offset + N)[:, None]
+        mask = (keys // chunk == queries // chunk) & (keys <= queries)
+        if window_size is not None:
+            mask = mask & (keys > queries - window_size)
+        return mask
+
+    def size(self) -> int:
+        return self.offset - self.start_position
+
+
+_VIEWS: dict[str, type[PagedKVCache]] = {
+    "full": PagedKVCache, "sliding": PagedSlidingKVCache, "chunked_local": PagedChunkedKVCache}
 
 
 # -- building ------------------------------------------------------------------------
@@ -334,38 +305,54 @@ def _model_dtype(model: Any) -> str:
     return "float32"
 
 
-def make_paged_prompt_cache(model: Any, num_blocks: int | None = None, block_size: int = 16, device: str = "cpu",
-                            *, dtype: str | None = None, manager: PagedKvCacheManager | None = None,
-                            num_kv_heads: int | None = None, head_dim: int | None = None) -> list[PagedKVCache]:
-    """A paged prompt cache for ``model``: one :class:`PagedKVCache` per layer, all over one pool.
+def _new_manager(model: Any, shape: tuple[int, int, int], num_blocks: int | None, block_size: int, device: str,
+                 dtype: str | None, groups: Any) -> Manager:
+    if num_blocks is None:
+        raise InvalidArgument("pass num_blocks (the pool's size) or an existing manager")
+    layers, heads, dim = shape
+    config = CacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=dim, num_blocks=num_blocks,
+                         block_size=block_size, dtype=dtype or _model_dtype(model), layer_groups=groups)
+    storage = MlxStorage(config.storage_config(), device)
+    return PagedKvCacheManager(storage) if groups is None else HybridCacheManager(storage, config)
 
-    ``num_blocks`` blocks of ``block_size`` tokens (all layers, K and V) are
-    allocated on ``device`` (``"cpu"`` or ``"gpu"``) in ``dtype`` (default: the
-    model's floating dtype; ``"int8"`` quantizes). ``manager=`` shares an
-    existing manager (``cache[0].sequences.manager``) instead, for prefix
-    sharing between prompt caches. ``num_kv_heads`` and ``head_dim`` give the
-    K/V shapes of a model whose modules do not name them as mlx-lm's Llama
-    does (gpt2); they win over what is read. Models whose ``make_cache`` builds
-    anything but ``KVCache`` layers (rotating, quantized, state-space) are refused.
+
+def make_paged_prompt_cache(model: Any, num_blocks: int | None = None, block_size: int = 16, device: str = "cpu",
+                            *, dtype: str | None = None, manager: Manager | None = None,
+                            num_kv_heads: int | None = None, head_dim: int | None = None) -> list[PagedKVCache]:
+    """A paged prompt cache for ``model``: one view per layer, all over one pool.
+
+    The views mirror ``model.make_cache()``: :class:`PagedKVCache` where it
+    builds a ``KVCache``, :class:`PagedSlidingKVCache` for a
+    ``RotatingKVCache`` (keep=0) and :class:`PagedChunkedKVCache` for a
+    ``ChunkedKVCache``; any other class (quantized, state-space, a rotating
+    cache that keeps its first tokens) is refused with
+    :class:`UnsupportedOperation`. A model of ``KVCache`` layers only gets a
+    :class:`~pagedkv_core.PagedKvCacheManager`, whose blocks hold every layer;
+    any other a :class:`~pagedkv_core.HybridCacheManager`, whose blocks hold
+    ``config.layout.slots`` layers of one cache group.
+
+    ``num_blocks`` blocks of ``block_size`` tokens (K and V) are allocated on
+    ``device`` (``"cpu"`` or ``"gpu"``) in ``dtype`` (default: the model's
+    floating dtype; ``"int8"`` quantizes). ``manager=`` shares an existing
+    manager (``cache[0].sequences.manager``) instead, for prefix sharing
+    between prompt caches; its layers must keep the kinds the model's do.
+    ``num_kv_heads`` and ``head_dim`` give the K/V shapes of a model whose
+    modules do not name them as mlx-lm's Llama does (gpt2); they win over what
+    is read.
     """
-    if hasattr(model, "make_cache"):
-        kinds = sorted({type(c).__name__ for c in model.make_cache()} - {"KVCache"})
-        if kinds:
-            raise UnsupportedOperation(f"the paged cache replaces KVCache layers only; this model also uses {kinds}")
-    layers, heads, dim = _model_shape(model, num_kv_heads, head_dim)
+    groups = model_layer_groups(model)
+    shape = _model_shape(model, num_kv_heads, head_dim)
     if manager is None:
-        if num_blocks is None:
-            raise InvalidArgument("pass num_blocks (the pool's size) or an existing manager")
-        config = CacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=dim, num_blocks=num_blocks,
-                             block_size=block_size, dtype=dtype or _model_dtype(model))
-        manager = PagedKvCacheManager(MlxStorage(config, device))
+        manager = _new_manager(model, shape, num_blocks, block_size, device, dtype, groups)
     c = manager.config
-    if (c.num_layers, c.num_kv_heads, c.head_dim) != (layers, heads, dim):
+    if (c.num_layers, c.num_kv_heads, c.head_dim) != shape:
         pool = (c.num_layers, c.num_kv_heads, c.head_dim)
-        raise ShapeMismatch(f"the manager's pool has (layers, kv heads, head dim) {pool}, "
-                            f"the model {(layers, heads, dim)}")
+        raise ShapeMismatch(f"the manager's pool has (layers, kv heads, head dim) {pool}, the model {shape}")
+    if layer_kinds(c.layer_groups, c.num_layers) != layer_kinds(groups, shape[0]):
+        raise InvalidArgument(f"the manager's layer groups {c.layer_groups} do not keep the caches the model's "
+                              f"make_cache() asks for {groups}")
     sequences = PagedSequences(manager)
-    return [PagedKVCache(sequences, layer) for layer in range(layers)]
+    return [_VIEWS[sequences.group_of(layer).kind](sequences, layer) for layer in range(shape[0])]
 
 
 def load_paged_prompt_cache(file_name: str, model: Any, num_blocks: int | None = None, block_size: int = 16,

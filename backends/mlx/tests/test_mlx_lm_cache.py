@@ -298,9 +298,13 @@ def test_refusals(model, prompt):
         cache[0].update_and_fetch(mx.zeros((1, 3, 1, 16)), mx.zeros((1, 3, 1, 16)))
     with pytest.raises(InvalidArgument):
         make_paged_prompt_cache(model)
-    sliding = llama.Model(tiny_args(layer_types=["sliding_attention", "full_attention"], sliding_window=8))
-    with pytest.raises(UnsupportedOperation, match="RotatingKVCache"):
-        make_paged_prompt_cache(sliding, num_blocks=8)
+
+    class KeepsFirstTokens(llama.Model):  # tokens that never leave the window: no layer group says that
+        def make_cache(self):
+            return [RotatingKVCache(max_size=8, keep=4) for _ in self.layers]
+
+    with pytest.raises(UnsupportedOperation, match=r"RotatingKVCache\(keep=4\)"):
+        make_paged_prompt_cache(KeepsFirstTokens(tiny_args()), num_blocks=8)
     with pytest.raises(ShapeMismatch):
         make_paged_prompt_cache(llama.Model(tiny_args(num_key_value_heads=4)), manager=cache[0].sequences.manager)
 
