@@ -12,6 +12,13 @@ the ``gpu`` device uses :mod:`pagedkv_mlx.kernel_mlx` instead.
 * **decode** runs rows (sequences, most visible blocks first) in groups whose
   score buffer fits a budget, and tiles each group's visible blocks by
   columns; a ragged batch gathers only the rows still active in a column.
+  A tile reads whole blocks, so it also reads slots its row must not see:
+  the unused tail of a sequence's last block and the padding (block 0) of a
+  row shorter than the tile. They hold whatever another sequence or a
+  previous owner left, possibly NaN or Inf, which a weight of 0 does not
+  cancel (``0 * NaN = NaN``): the gathered K and V are zeroed there before
+  the matmuls (exactly those slots, planned once per step; a tile of full
+  blocks costs nothing extra), and their scores are ``-inf``.
 * **prefill** loops over sequences (its work is quadratic in length, the loop
   is free): it gathers the sequence's visible K/V once, then runs query tiles
   whose scores fit the budget, each over the keys it can see. With a chunk
@@ -23,9 +30,19 @@ as ``exp(sink - max)``, the max taken over the scores and the sink.
 GQA never repeats K/V: query heads are viewed as ``[num_kv_heads, group]``.
 Scores and softmax are float32; float16/bfloat16/int8 blocks are converted
 (int8 dequantized with its per-(block, head) scales) in the gathered tile.
+NumPy has no bfloat16, and widening a gathered bfloat16 tile in place order
+costs two passes over the full float32 tile, which made bfloat16 decode
+about 2x slower than float32. So bfloat16 decode (even head dims) gathers the
+pool as uint32 words of two dims each and splits them into even and odd
+head-dim halves, each an exact float32 array made by one contiguous pass
+over half the data (:meth:`_Gather.split`); the query is split the same
+way, and every matmul runs over both halves at once. Prefill, compute-bound,
+widens the tile as it is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,6 +60,10 @@ SCORE_ELEMS = 1 << 22
 """Float32 elements of one score buffer (16 MiB): bounds decode row groups and prefill query tiles."""
 
 
+_HIGH_HALF = np.uint32(0xFFFF0000)
+"""Keeps the high bfloat16 of a uint32 word of two: the odd dim's float32 bits."""
+
+
 class _Gather:
     """Gathers whole blocks of a flat pool ``[num_blocks, elems]`` into float32 scratch.
 
@@ -56,6 +77,8 @@ class _Gather:
         self.bf16 = bf16
         self._raw: np.ndarray | None = None
         self._f32 = np.empty(0, np.float32)
+        self._halves = np.empty((2, 0), np.uint32)  # split(): even dims, and the gathered words -> odd dims
+        self._views: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}  # split()'s views of it, by ids shape
 
     def __call__(self, pool: np.ndarray, scales: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
         """Blocks ``ids [...]`` as float32 ``[..., block_size, num_kv_heads, head_dim]`` (scratch: use before the next call)."""
@@ -78,6 +101,89 @@ class _Gather:
             out *= np.take(scales, ids, axis=0, mode="clip")[..., None, :, None]
         return out
 
+    def split(self, words: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Blocks ``ids [rows, cols]`` of a bfloat16 pool as float32 head-dim halves (scratch, as ``__call__``).
+
+        ``words [num_blocks, elems / 2]``: the pool's uint16 bits viewed as
+        uint32, so word ``j`` of a (token, head) holds dims ``2j`` (low half)
+        and ``2j + 1`` (high half). Returns ``[2, rows, cols * block_size,
+        num_kv_heads, head_dim / 2]``: ``[0]`` the even dims (the words
+        shifted left by 16), ``[1]`` the odd dims (the words with their low
+        half cleared, in place), both exact float32 bit patterns.
+
+        Why halves: widening a gathered tile to float32 in its own order (a
+        uint16 -> uint32 cast, then a shift) takes two passes over the
+        full-size tile, and NumPy has no single pass that interleaves; these
+        are two contiguous passes over half-size arrays, so the tile is ready
+        for about what the float32 gather alone costs. The decode contracts
+        each half with the matching half of the query (:meth:`HostKernel._decode`).
+        """
+        views = self._views.get(ids.shape)
+        if views is None:  # a decode has a few tile shapes, each run once per layer: make their views once
+            half = self.elems // 2
+            n = ids.size * half
+            if self._halves.shape[1] < n:
+                self._halves = np.empty((2, n), np.uint32)
+                self._views.clear()
+            even, odd = self._halves[0, :n], self._halves[1, :n]
+            _, heads, d = self.block_shape
+            halves = self._halves[:, :n].view(np.float32).reshape(2, ids.shape[0], -1, heads, d // 2)
+            views = self._views[ids.shape] = (odd.reshape(*ids.shape, half), even, odd, halves)
+        gathered, even, odd, halves = views
+        np.take(words, ids, axis=0, out=gathered, mode="clip")  # clip: no buffering; MlxPlan bounds-checked the ids
+        np.left_shift(odd, 16, out=even)
+        np.bitwise_and(odd, _HIGH_HALF, out=odd)
+        return halves
+
+
+_Clear = tuple[np.ndarray, np.ndarray] | None
+"""Hidden parts of a gathered decode tile: ``(blocks, slots)``, flat indices of whole hidden blocks and of
+the hidden slots of partly hidden ones (``None``: nothing hidden)."""
+
+
+def _hidden_parts(hidden: np.ndarray, block_size: int) -> _Clear:
+    """Where a tile's gathered K/V must be zeroed, from its ``hidden [rows, cols * block_size]`` mask.
+
+    Whole hidden blocks (a short row's padding) come as flat block indices
+    and the hidden slots of partly hidden blocks (a last block's unused tail,
+    slots before a window or chunk) as flat slot indices, so zeroing writes
+    exactly the hidden bytes, each a contiguous run: no pass over the tile.
+    """
+    rows, slots = hidden.shape
+    per_block = hidden.reshape(rows, slots // block_size, block_size)
+    whole = np.logical_and.reduce(per_block, axis=2)
+    partial = np.logical_or.reduce(per_block, axis=2) & ~whole
+    if not whole.any() and not partial.any():
+        return None
+    return np.flatnonzero(whole.reshape(-1)), np.flatnonzero((per_block & partial[:, :, None]).reshape(-1))
+
+
+def _clear(tile: np.ndarray, parts: _Clear, block_size: int) -> np.ndarray:
+    """Zero the hidden parts of a gathered ``tile [rows, slots, heads, d]`` (contiguous scratch) in place."""
+    if parts is not None:
+        blocks, slots = parts
+        rows, n, h, d = tile.shape
+        if blocks.size:
+            tile.reshape(rows * n // block_size, block_size * h * d)[blocks] = 0
+        if slots.size:
+            tile.reshape(rows * n, h * d)[slots] = 0
+    return tile
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeGroup:
+    """Rows ``g0:g1`` of the layout decoded together, their tiles and each tile's hidden parts.
+
+    ``tiles[i] = (r0, r1, c0, c1)``: rows ``r0:r1`` of the group (the rows
+    still active at column ``c0``) and visible-block columns ``c0:c1``;
+    ``clears[i]``: what to zero in that tile's gathered K and V.
+    """
+
+    g0: int
+    g1: int
+    tiles: tuple[tuple[int, int, int, int], ...]
+    clears: tuple[_Clear, ...]
+
 
 class HostKernel:
     """Runs one layer of a planned batch on NumPy views; the plan builds it once per step."""
@@ -88,6 +194,39 @@ class HostKernel:
         self._gather_k = _Gather(config, bf16)
         self._gather_v = _Gather(config, bf16)
         self._hidden = layout.hidden(slice(None), 0, 1) if self.decode else None  # [rows, 1, width * bs]
+        self._groups: dict[int, list[_DecodeGroup]] = {}  # decode groups by number of query heads
+        # bfloat16 decode tiles come as even/odd head-dim halves, each converted in one contiguous pass
+        self._split = bf16 and self.decode and config.head_dim % 2 == 0
+
+    def _decode_groups(self, num_q_heads: int) -> list[_DecodeGroup]:
+        """Row groups (score buffer within ``SCORE_ELEMS``) and their tiles (about ``TILE_BYTES`` of K each).
+
+        They depend on the batch and the number of query heads only, so they
+        are planned on the first layer's run and reused by the others.
+        """
+        if num_q_heads in self._groups:
+            return self._groups[num_q_heads]
+        lay, c = self.layout, self.config
+        h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
+        assert self._hidden is not None
+        hidden = self._hidden[:, 0]  # [rows, width * bs]
+        block_bytes = bs * h * d * 4
+        per_group = max(1, SCORE_ELEMS // (num_q_heads * lay.width * bs))
+        groups = []
+        for g0 in range(0, lay.rows, per_group):
+            g1 = min(lay.rows, g0 + per_group)
+            rows, nblocks = g1 - g0, lay.num_blocks[g0:g1]
+            tile_rows = max(1, min(rows, TILE_BYTES // block_bytes))
+            tile_cols = max(1, TILE_BYTES // (tile_rows * block_bytes))
+            tiles = []
+            for c0 in range(0, lay.width, tile_cols):
+                c1 = min(lay.width, c0 + tile_cols)
+                active = int(np.count_nonzero(nblocks > c0))  # rows are sorted: a prefix is active
+                tiles += [(r0, min(active, r0 + tile_rows), c0, c1) for r0 in range(0, active, tile_rows)]
+            clears = tuple(_hidden_parts(hidden[g0 + r0:g0 + r1, c0 * bs:c1 * bs], bs) for r0, r1, c0, c1 in tiles)
+            groups.append(_DecodeGroup(g0, g1, tuple(tiles), clears))
+        self._groups[num_q_heads] = groups
+        return groups
 
     def run(self, q: np.ndarray, pools: tuple[np.ndarray, np.ndarray],
             scales: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray,
@@ -105,6 +244,8 @@ class HostKernel:
         mult = p.scale if p.soft_cap is None else p.scale / p.soft_cap
         sink = None if sinks is None else sinks.reshape(self.config.num_kv_heads, -1)  # [heads, group]
         if self.decode:
+            if self._split:  # bfloat16 bits as uint32 words of two dims each (_Gather.split)
+                k, v = k.view(np.uint32), v.view(np.uint32)
             self._decode(q, mult, (k, ks), (v, vs), out, None if sink is None else sink[None, :, :, None])
         else:
             self._prefill(q, mult, (k, ks), (v, vs), out, None if sink is None else sink[:, None, :, None])
@@ -129,38 +270,74 @@ class HostKernel:
             denom += np.exp(sink - top)
         return denom
 
+    def _tile(self, gather: _Gather, kv: tuple[np.ndarray, np.ndarray | None], ids: np.ndarray,
+              clear: _Clear) -> np.ndarray:
+        """One gathered decode tile of K or V, hidden slots zeroed.
+
+        ``[rows, slots, heads, d]`` float32; a split bfloat16 pool's come as
+        ``[2, rows, slots, heads, d / 2]`` head-dim halves (:meth:`_Gather.split`,
+        ``kv[0]`` then being the pool's uint32 words).
+        """
+        pool, scales = kv
+        if self._split:
+            halves = gather.split(pool, ids)
+            if clear is not None:
+                _clear(halves[0], clear, self.config.block_size)
+                _clear(halves[1], clear, self.config.block_size)
+            return halves
+        c = self.config
+        return _clear(gather(pool, scales, ids).reshape(ids.shape[0], -1, c.num_kv_heads, c.head_dim), clear,
+                      c.block_size)
+
     def _decode(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray,
                 sink: np.ndarray | None) -> None:
+        """Decode groups into ``out``.
+
+        With split bfloat16 tiles (``[2, ...]`` head-dim halves) the query is
+        split the same way and each matmul runs over both halves at once: the
+        two halves' scores add up to the scores, their values give the even
+        and odd dims of the output, interleaved at the end.
+        """
         lay, c = self.layout, self.config
         h, d, bs = c.num_kv_heads, c.head_dim, c.block_size
         num_q_heads = q.shape[1]
         group, slots = num_q_heads // h, lay.width * bs
-        block_bytes = bs * h * d * 4
-        per_group = max(1, SCORE_ELEMS // (num_q_heads * slots))
-        for g0 in range(0, lay.rows, per_group):
-            g1 = min(lay.rows, g0 + per_group)
-            rows, ids, nblocks = g1 - g0, lay.ids[g0:g1], lay.num_blocks[g0:g1]
-            qg = np.multiply(q[lay.q_start[g0:g1]], mult, dtype=np.float32).reshape(rows, h, group, d)
-            tile_rows = max(1, min(rows, TILE_BYTES // block_bytes))
-            tile_cols = max(1, TILE_BYTES // (tile_rows * block_bytes))
-            tiles = []
-            for c0 in range(0, lay.width, tile_cols):
-                c1 = min(lay.width, c0 + tile_cols)
-                active = int(np.count_nonzero(nblocks > c0))  # rows are sorted: a prefix is active
-                tiles += [(r0, min(active, r0 + tile_rows), c0, c1) for r0 in range(0, active, tile_rows)]
+        split = self._split
+        assert self._hidden is not None
+        for g in self._decode_groups(num_q_heads):
+            rows, ids = g.g1 - g.g0, lay.ids[g.g0:g.g1]
+            qg = np.multiply(q[lay.q_start[g.g0:g.g1]], mult, dtype=np.float32).reshape(rows, h, group, d)
             s = np.empty((rows, h, group, slots), np.float32)  # slots no tile writes are masked below
-            for r0, r1, c0, c1 in tiles:
-                keys = self._gather_k(*k, ids[r0:r1, c0:c1]).reshape(r1 - r0, -1, h, d)
-                np.matmul(qg[r0:r1], keys.transpose(0, 2, 3, 1), out=s[r0:r1, :, :, c0 * bs:c1 * bs])
-            denom = self._softmax(s, self._hidden[g0:g1, :, None, :], sink)
-            acc = np.zeros((rows, h, group, d), np.float32)
+            if split:  # [2, rows, h, group, d / 2] query halves; one tile's scores of each half
+                qg = np.stack((qg[..., 0::2], qg[..., 1::2]))
+                widest = max((r1 - r0, c1 - c0) for r0, r1, c0, c1 in g.tiles)
+                pair = np.empty((2, widest[0], h, group, widest[1] * bs), np.float32)
+            for (r0, r1, c0, c1), clear in zip(g.tiles, g.clears):
+                cols = slice(c0 * bs, c1 * bs)
+                keys = self._tile(self._gather_k, k, ids[r0:r1, c0:c1], clear)
+                if split:
+                    both = pair[:, :r1 - r0, :, :, :(c1 - c0) * bs]
+                    np.matmul(qg[:, r0:r1], keys.transpose(0, 1, 3, 4, 2), out=both)
+                    np.add(both[0], both[1], out=s[r0:r1, :, :, cols])
+                else:
+                    np.matmul(qg[r0:r1], keys.transpose(0, 2, 3, 1), out=s[r0:r1, :, :, cols])
+            denom = self._softmax(s, self._hidden[g.g0:g.g1, :, None, :], sink)
+            shape = (2, rows, h, group, d // 2) if split else (rows, h, group, d)
+            acc = np.empty(shape, np.float32)
             part = np.empty_like(acc)
-            for r0, r1, c0, c1 in tiles:
-                values = self._gather_v(*v, ids[r0:r1, c0:c1]).reshape(r1 - r0, -1, h, d)
-                np.matmul(s[r0:r1, :, :, c0 * bs:c1 * bs], values.transpose(0, 2, 1, 3), out=part[r0:r1])
-                acc[r0:r1] += part[r0:r1]
+            for (r0, r1, c0, c1), clear in zip(g.tiles, g.clears):
+                values = self._tile(self._gather_v, v, ids[r0:r1, c0:c1], clear)
+                weights = s[r0:r1, :, :, c0 * bs:c1 * bs]
+                first = c0 == 0  # the first column of tiles writes the accumulator, the others add to it
+                target = (acc if first else part)[..., r0:r1, :, :, :]
+                np.matmul(weights, values.swapaxes(-2, -3), out=target)
+                if not first:
+                    acc[..., r0:r1, :, :, :] += target
+            if split:
+                halves, acc = acc, np.empty((rows, h, group, d), np.float32)
+                acc[..., 0::2], acc[..., 1::2] = halves
             acc /= denom
-            out[lay.q_start[g0:g1]] = acc.reshape(rows, num_q_heads, d)
+            out[lay.q_start[g.g0:g.g1]] = acc.reshape(rows, num_q_heads, d)
 
     def _prefill(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray,
                  sink: np.ndarray | None) -> None:

@@ -18,6 +18,15 @@ chunk size only changes the mask and which blocks the layout keeps.
 
 Queries are padded per row to the longest row and processed in tiles whose
 score matrix fits a budget, so a long prefill never materialises all scores.
+
+The gather reads every row's ``width`` blocks whole: the unused tail of a
+sequence's last block and a short row's padding (block 0) come along, and
+they hold whatever another sequence or a previous owner left, possibly NaN
+or Inf. The mask gives them weight 0, but ``0 * NaN`` is NaN, so the
+gathered K and V are zeroed (``mx.where``) in every slot no query of the
+row sees; a batch with no such slot (full last blocks, equal lengths, no
+window) skips that pass.
+
 Evaluation point: ``run`` evaluates the gathered K/V before building the
 attention, which releases the pools (see :mod:`pagedkv_mlx.storage`); the
 output is returned lazily so MLX can fuse it with what the caller does next.
@@ -75,7 +84,11 @@ class GraphKernel:
         valid = i < layout.q_count[:, None]  # [rows, qmax]
         self.q_rows = mx.array(np.where(valid, layout.q_start[:, None] + i, 0).astype(np.int32))
         self.tiles = [(q0, min(qmax, q0 + self.q_tile)) for q0 in range(0, qmax, self.q_tile)]
-        self.visible = [mx.array(~layout.hidden(slice(None), q0, q1))[:, None] for q0, q1 in self.tiles]
+        hidden = [layout.hidden(slice(None), q0, q1) for q0, q1 in self.tiles]  # [rows, qt, keys] each
+        self.visible = [mx.array(~part)[:, None] for part in hidden]
+        unseen = np.logical_and.reduce([part.all(axis=1) for part in hidden])  # [rows, keys]: no query sees it
+        # K/V [rows, heads, keys, d] are zeroed where False; None: every slot is seen by some query
+        self.seen = mx.array(~unseen)[:, None, :, None] if unseen.any() else None
         # output row j of q comes from padded position (row, i) of the tiles' concatenation
         order = np.empty(int(valid.sum()), np.int64)
         order[(layout.q_start[:, None] + i)[valid]] = np.flatnonzero(valid.reshape(-1))
@@ -94,6 +107,8 @@ class GraphKernel:
             blocks = dequantize_blocks(blocks, scales[layer, self.ids])
         rows = self.layout.rows
         kv = blocks.astype(dtype).reshape(rows, -1, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        if self.seen is not None:  # slots no query sees may hold NaN/Inf, which a weight of 0 does not cancel
+            kv = mx.where(self.seen, kv, mx.array(0, dtype))
         # MLX's CPU SDPA runs several times slower on this strided view than a copy plus the contiguous case
         return mx.contiguous(kv) if self.cpu else kv
 

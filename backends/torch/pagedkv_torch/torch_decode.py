@@ -65,6 +65,7 @@ class _Tile:
     c0: int
     c1: int
     ids: torch.Tensor  # int64 [(r1 - r0) * (c1 - c0)]
+    hidden: torch.Tensor | None = None  # bool [r1 - r0, (c1 - c0) * block_size, 1, 1]; None: every slot visible
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,13 @@ class _Group:
     width: int
     hidden: torch.Tensor  # bool [rows, width * block_size]: slots a row must not see
     tiles: tuple[_Tile, ...]
+
+
+def _hidden_slots(hidden: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """A tile's hidden slots as a mask over its gathered values, or None when it hides none (the common tile)."""
+    if not hidden.any():
+        return None
+    return torch.from_numpy(np.ascontiguousarray(hidden[:, :, None, None])).to(device)
 
 
 class TorchDecodePlan(TorchPlanBase):
@@ -91,9 +99,11 @@ class TorchDecodePlan(TorchPlanBase):
                                         self.block_bytes, tile_bytes, GROUP_SLOTS)
         else:
             planned = self._chunked_tiles(index, tile_bytes)
+        bs = self.block_size
         self.groups: list[_Group] = [
             _Group(torch.from_numpy(g.rows).to(dev), g.width, torch.from_numpy(g.hidden).to(dev), tuple(
-                _Tile(t.r0, t.r1, t.c0, t.c1, torch.from_numpy(t.ids.reshape(-1)).to(dev)) for t in g.tiles))
+                _Tile(t.r0, t.r1, t.c0, t.c1, torch.from_numpy(t.ids.reshape(-1)).to(dev),
+                      _hidden_slots(g.hidden[t.r0:t.r1, t.c0 * bs:t.c1 * bs], dev)) for t in g.tiles))
             for g in planned
         ]
         self.buffer_blocks = max((t.ids.numel() for g in self.groups for t in g.tiles), default=1)
@@ -162,6 +172,8 @@ class TorchDecodePlan(TorchPlanBase):
         acc = torch.zeros(rows, kv, group, dim, dtype=torch.float32, device=self.device)
         for tile in g.tiles:  # V pass
             values = self._tile(pools[1], None if scales is None else scales[1], tile)
+            if tile.hidden is not None:  # a hidden slot may hold NaN/Inf from another owner: 0 * NaN = NaN
+                values.masked_fill_(tile.hidden, 0)
             self._accumulate(acc[tile.r0:tile.r1], s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values)
         return (acc / total).view(rows, num_q_heads, dim)
 

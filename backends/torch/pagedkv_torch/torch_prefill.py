@@ -81,6 +81,7 @@ class _Group:
     rows: torch.Tensor | None  # int64 [q1 - q0]: each query's row in [count * max_q]; None when unpadded
     mask: torch.Tensor | None  # bool [count, 1, max_q, keys]; None when is_causal or nothing is hidden
     is_causal: bool
+    foreign: torch.Tensor | None = None  # bool [count, 1, keys, 1]: gathered slots no segment owns; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,11 @@ class TorchPrefillPlan(TorchPlanBase):
                 visible = visible & (p // c == t[:, :, None] // c)
             visible = visible & (np.arange(max_q)[None, :] < n[:, None])[:, :, None]
             mask = torch.from_numpy(visible[:, None]).to(dev)
-        return _Group(q0, q1, count, max_q, keys, ids, rows, mask, is_causal)
+        # slots gathered but owned by no segment (padding blocks, the tail of a last block) may hold NaN or Inf
+        # left by another sequence: masking their scores is not enough (0 * NaN = NaN), their K/V are zeroed
+        owned = np.arange(keys)[None, :] < np.minimum(keys_of, seq_len - base * bs)[:, None]
+        foreign = None if owned.all() else torch.from_numpy(~owned[:, None, :, None]).to(dev)
+        return _Group(q0, q1, count, max_q, keys, ids, rows, mask, is_causal, foreign)
 
     @torch.no_grad()
     def run(self, q, layer: int, *, sinks: Any = None) -> torch.Tensor:
@@ -222,7 +227,7 @@ class TorchPrefillPlan(TorchPlanBase):
         return o if g.rows is None else o.index_select(0, g.rows)
 
     def _gather(self, g: _Group, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the group as ``[count, kv_heads, keys, dim]`` views (float32 if quantized)."""
+        """K and V of the group as ``[count, kv_heads, keys, dim]`` (float32 if quantized); slots no segment owns are 0."""
         kv, dim = self.num_kv_heads, self.head_dim
         out = []
         scales = self.storage.scales(layer)
@@ -230,7 +235,8 @@ class TorchPrefillPlan(TorchPlanBase):
             blocks = take(pool, 0, g.ids)
             if scales is not None:
                 blocks = dequantize_blocks(blocks, scales[i].index_select(0, g.ids))
-            out.append(blocks.view(g.count, -1, kv, dim)[:, : g.keys].transpose(1, 2))
+            part = blocks.view(g.count, -1, kv, dim)[:, : g.keys].transpose(1, 2)
+            out.append(part if g.foreign is None else part.masked_fill(g.foreign, 0))
         return out[0], out[1]
 
     def _explicit(self, g: _Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
