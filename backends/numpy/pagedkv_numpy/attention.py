@@ -12,7 +12,14 @@ blocks):
   stays in cache, are gathered and multiplied while hot, so the pool is read
   from memory once. Rows are sorted by visible length, longest first,
   so the sequences still active in a column of blocks are a prefix of the rows
-  and a ragged batch wastes no work on padding.
+  and a ragged batch wastes no work on padding. A tile reads whole blocks, so
+  it also reads slots its row must not see: the unused tail of a sequence's
+  last block, and the padding (block 0) of a row shorter than the tile. Those
+  slots hold whatever another sequence or a previous owner left, possibly NaN
+  or Inf, and a weight of 0 does not cancel them (``0 * NaN = NaN``): their
+  scores are set to ``-inf`` and the gathered K and V are zeroed there
+  before the matmuls (exactly those slots, planned once per step, so a
+  tile of full blocks costs nothing extra).
 * **prefill** loops over sequences (its work is quadratic in length, so the
   loop costs nothing measurable) and runs :func:`attend_contiguous`'s tiled,
   online-softmax kernel: each key tile is gathered once and serves every
@@ -40,9 +47,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pagedkv_core.blocks.cascade import CascadeLayout
 from pagedkv_core.contract.attention import (
     AttentionBase,
     AttentionParams,
@@ -52,12 +61,16 @@ from pagedkv_core.contract.attention import (
     check_query,
     check_sinks,
 )
+from pagedkv_core.contract.cascade import check_cascade
 from pagedkv_core.contract.tiles import DecodeTile, plan_decode_tiles
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument, ShapeMismatch
 
 from .storage import NumpyStorage
 
-__all__ = ["NumpyAttention", "NumpyPlan", "attend_contiguous"]
+if TYPE_CHECKING:
+    from .cascade import NumpyCascadePlan
+
+__all__ = ["NumpyAttention", "NumpyPlan", "attend_contiguous", "sink_logits"]
 
 TILE_BYTES = 2 << 20
 """Bytes of one gathered decode tile (K or V, compute dtype).
@@ -126,7 +139,7 @@ def _first_visible(t: np.ndarray, params: AttentionParams) -> np.ndarray:
     return first
 
 
-def _sink_logits(sinks: object, num_q_heads: int, cdtype: np.dtype) -> np.ndarray:
+def sink_logits(sinks: object, num_q_heads: int, cdtype: np.dtype) -> np.ndarray:
     """Validate a layer's sink logits (``[num_q_heads]``, any float dtype, finite) and convert them to ``cdtype``.
 
     Checked per ``run`` because sinks are per layer; a non-finite logit
@@ -287,7 +300,7 @@ def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bo
     cdtype = _compute_dtype(k.dtype)
     h = k.shape[1]
     group = q.shape[1] // h
-    sink = None if sinks is None else _sink_logits(sinks, q.shape[1], cdtype).reshape(h, group)
+    sink = None if sinks is None else sink_logits(sinks, q.shape[1], cdtype).reshape(h, group)
     mult = params.scale if soft_cap is None else params.scale / params.soft_cap
     out = np.empty(q.shape, q.dtype)
     view = out.reshape(q.shape[0], h, group, q.shape[2]).transpose(1, 0, 2, 3)
@@ -300,19 +313,62 @@ def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bo
 # -- the plan ------------------------------------------------------------------------------------
 
 
+_Clear = tuple[np.ndarray, np.ndarray] | None
+"""Hidden parts of a gathered decode tile: ``(blocks, slots)``, flat indices of whole hidden blocks and of
+the hidden slots of partly hidden ones (``None``: nothing hidden)."""
+
+
+def _hidden_parts(hidden: np.ndarray, block_size: int) -> _Clear:
+    """Where a tile's gathered K/V must be zeroed, from its ``hidden [rows, cols * block_size]`` mask.
+
+    Whole hidden blocks (a short row's padding) come as flat block indices
+    and the hidden slots of partly hidden blocks (a last block's unused tail,
+    slots before a window or chunk) as flat slot indices, so zeroing writes
+    exactly the hidden bytes, each a contiguous run: no pass over the tile.
+    """
+    rows, slots = hidden.shape
+    per_block = hidden.reshape(rows, slots // block_size, block_size)
+    whole = np.logical_and.reduce(per_block, axis=2)
+    partial = np.logical_or.reduce(per_block, axis=2) & ~whole
+    if not whole.any() and not partial.any():
+        return None
+    slot_ids = np.flatnonzero((per_block & partial[:, :, None]).reshape(-1))
+    return np.flatnonzero(whole.reshape(-1)), slot_ids
+
+
+def _clear(tile: np.ndarray, parts: _Clear, block_size: int) -> np.ndarray:
+    """Zero the hidden parts of a gathered ``tile [rows, slots, heads, d]`` (scratch, never a pool) in place.
+
+    A slot a row must not see may hold anything (NaN, Inf: another
+    sequence's or a previous owner's values); a score of ``-inf`` gives it
+    weight 0, but ``0 * NaN`` is still NaN, so its values must be gone
+    before the matmul.
+    """
+    if parts is not None:
+        blocks, slots = parts
+        rows, n, h, d = tile.shape
+        if blocks.size:
+            tile.reshape(rows * n // block_size, block_size * h * d)[blocks] = 0
+        if slots.size:
+            tile.reshape(rows * n, h * d)[slots] = 0
+    return tile
+
+
 @dataclass(frozen=True, slots=True)
 class _DecodeGroup:
     """Sequences decoded together; ``rows`` are their query rows, longest first.
 
     ``hidden [rows, width * block_size]`` is True for key slots a query must
     not see (None when it sees them all). It covers the slots past a short
-    sequence's blocks, which no tile writes.
+    sequence's blocks, which no tile writes. ``clears[i]``: the hidden slots
+    of ``tiles[i]``, zeroed in its gathered K and V (see :func:`_hidden_parts`).
     """
 
     rows: np.ndarray
     width: int
     hidden: np.ndarray | None
     tiles: tuple[DecodeTile, ...]
+    clears: tuple[_Clear, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,8 +428,9 @@ class NumpyPlan:
             hidden = g.hidden
             if lead is not None:
                 hidden = hidden | (np.arange(g.width * bs)[None, :] < lead[g.rows][:, None])
+            clears = tuple(_hidden_parts(hidden[t.r0:t.r1, t.c0 * bs:t.c1 * bs], bs) for t in g.tiles)
             groups.append(_DecodeGroup(self.index.query_start_loc[g.rows], g.width,
-                                       hidden if hidden.any() else None, g.tiles))
+                                       hidden if hidden.any() else None, g.tiles, clears))
         self._gather = _Gather(self.storage, self.cdtype,
                                max((tile.ids.size for g in groups for tile in g.tiles), default=1))
         return groups
@@ -435,7 +492,7 @@ class NumpyPlan:
         num_q_heads = self._check_q(q)
         layer = self.storage.checks.layer(layer)
         h = self.storage.config.num_kv_heads
-        sink = None if sinks is None else _sink_logits(sinks, num_q_heads, self.cdtype).reshape(h, -1)
+        sink = None if sinks is None else sink_logits(sinks, num_q_heads, self.cdtype).reshape(h, -1)
         out = np.empty(q.shape, q.dtype)
         k, v = self.storage.pools(layer)
         k, v = k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)
@@ -480,8 +537,8 @@ class NumpyPlan:
             rows, slots = g.rows.size, g.width * bs
             qg = np.multiply(q[g.rows], mult, dtype=self.cdtype).reshape(rows, h, group, d)
             s = scores[:rows * num_q_heads * slots].reshape(rows, h, group, slots)
-            for tile in g.tiles:
-                keys = self._gather(k[0], k[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d)
+            for tile, clear in zip(g.tiles, g.clears):
+                keys = _clear(self._gather(k[0], k[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
                 np.matmul(qg[tile.r0:tile.r1], keys.transpose(0, 2, 3, 1),
                           out=s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs])
             if cap is not None:
@@ -499,8 +556,8 @@ class NumpyPlan:
                 denom += np.exp(sink[None, :, :, None] - top)
             acc = np.empty((rows, h, group, d), self.cdtype)
             part = np.empty_like(acc)
-            for tile in g.tiles:
-                values = self._gather(v[0], v[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d)
+            for tile, clear in zip(g.tiles, g.clears):
+                values = _clear(self._gather(v[0], v[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
                 target = acc[tile.r0:tile.r1] if tile.c0 == 0 else part[tile.r0:tile.r1]
                 np.matmul(s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values.transpose(0, 2, 1, 3),
                           out=target)
@@ -528,3 +585,23 @@ class NumpyAttention(AttentionBase):
         """Prepare a batch for every layer; ``index`` may be hand-made (the plan bounds-checks it)."""
         self.check_storage(storage)
         return NumpyPlan(storage, index, check_params(params))
+
+    def plan_cascade(self, storage: NumpyStorage, index: BatchIndex, params: AttentionParams,
+                     layout: CascadeLayout) -> NumpyPlan | NumpyCascadePlan:
+        """A decode step whose groups read their shared blocks once (see :mod:`.cascade`); int8 pools plan as usual."""
+        from .cascade import NumpyCascadePlan
+
+        config = self.check_storage(storage)
+        index = check_index_bounds(index, config)
+        params = check_params(params)
+        layout = check_cascade(layout, index.block_tables, index.seq_lens, index.is_decode, config,
+                               sliding_window=params.sliding_window, chunk_size=params.chunk_size)
+        if storage.quantized or not layout.num_groups:
+            return self.plan_index(storage, index, params)
+        rest = np.flatnonzero(layout.shared_tokens == 0)
+        rest_plan = None
+        if rest.size:
+            sub = BatchIndex(index.block_tables[rest], index.seq_lens[rest], np.arange(rest.size + 1),
+                             np.ones(rest.size, np.int64), True)
+            rest_plan = self.plan_index(storage, sub, params)
+        return NumpyCascadePlan(storage, index, params, layout, rest_plan, rest)

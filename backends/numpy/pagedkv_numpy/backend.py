@@ -32,7 +32,7 @@ class NumpyBackend:
     def capabilities(self, device: str) -> Capabilities:
         return Capabilities(dtypes=("float64", "float32", "float16"), quantized=("int8",), max_head_dim=1024,
                             kernels=("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local",
-                                     "sinks"))
+                                     "sinks", "cascade"))
 
     def create_storage(self, config: CacheConfig, device: str = "cpu") -> NumpyStorage:
         return NumpyStorage(config, device)
