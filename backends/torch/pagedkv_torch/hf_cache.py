@@ -2,19 +2,39 @@
 
 ``PagedCache`` drops into ``model.generate(..., past_key_values=cache)`` or a
 hand-written forward loop (transformers 5, see :mod:`.hf_compat`). Each batch
-row is one sequence of a :class:`~pagedkv_core.PagedKvCacheManager` over a
+row is one sequence of the manager (:mod:`.hf_batch`) over a
 :class:`~pagedkv_torch.storage.TorchStorage`; the model's attention modules
 call ``update(k, v, layer_idx)`` and get back the whole K/V to attend over.
+A model with sliding-window or chunked layers runs on a
+:class:`~pagedkv_core.HybridCacheManager` built from its layer groups, read
+from the model config as ``DynamicCache(config=...)`` reads them; a model of
+full-attention layers only on a :class:`~pagedkv_core.PagedKvCacheManager`
+(:mod:`.hf_rows` says why both).
 
 How a step works. The first layer to see a step's new tokens reserves their
 slots for every row (``append_slots`` for one token, ``extend_batch`` for
-more), and the step's index tensors are planned once (:mod:`.hf_layout`).
-Every layer then makes one ``storage.write`` for the whole batch and one
-gather that returns ``[batch, kv_heads, length, head_dim]`` — the same sizes
+more), and the step's index tensors are planned once per cache group
+(:mod:`.hf_layout`). Every layer then makes one ``storage.write`` for the
+whole batch, into its group's blocks at its storage layer, and one gather
+that returns ``[batch, kv_heads, length, head_dim]`` — the same sizes
 ``DynamicCache`` returns, so the masks transformers builds from
-``get_mask_sizes`` line up. Sliding-window (and chunked) layers return the
-last ``window - 1 + new`` positions, as ``DynamicSlidingWindowLayer`` does;
-all tokens stay stored, so ``crop`` can always roll back.
+``get_mask_sizes`` line up. Sliding-window and chunked layers return the last
+``window - 1 + new`` positions (a chunk's size is the window), as
+``DynamicSlidingWindowLayer`` does.
+
+Released blocks. In a hybrid cache, a sliding or chunked group releases the
+blocks no future query of a row can read before each step reserves new
+slots (their table entries point at the manager's null block). Its plan
+starts at the window's first position, so its layers never gather what was
+released; a released position inside the returned range (the end of a
+chunked layer's previous chunk, a shared prefix beyond a row's window) comes
+back as zeros, which the layer's mask hides, exactly like padding. ``crop``
+rolls back as far as every row still holds what the remaining positions'
+queries read — always the last step's positions, which is what speculative
+decoding crops — and raises :class:`CropPastWindow` (a ``RuntimeError``, as
+transformers' sliding layer raises past its window) before changing
+anything otherwise. ``from_model_config(..., hybrid=False)`` keeps every
+token of every layer instead.
 
 Padding. Rows keep transformers' padded coordinates (what ``get_seq_length``
 reports and masks index), but the leading padding of each row, known from
@@ -32,7 +52,8 @@ positions that every row already has (padding or shared blocks; the shortest
 such prefix over the rows) count as cached: ``get_seq_length()`` reports
 them, so ``generate`` feeds only the rest through the model. Shared tokens of
 a row beyond that common prefix are still computed (one forward pass serves
-the whole batch) but not written: the shared blocks are read instead. All
+the whole batch) but not written: the shared blocks are read instead (a
+hybrid hit leaves a sliding group only the blocks its window reaches). All
 this holds only if positions count from each row's first attended token, as
 in ``generate`` (``position_ids = attention_mask.cumsum(-1) - 1``); the first
 layer of the prefill compares recomputed keys of shared tokens with the
@@ -43,7 +64,9 @@ ids: everything, padding included, is stored and nothing is shared.
 Beams and multiple return sequences fork rows (blocks shared by reference,
 the partly filled last one copied on the first write); ``crop`` trims, and a
 step of several positions may follow (speculative decoding's verify steps;
-the first one, right after ``begin``, brings the prompt and the drafts).
+the first one, right after ``begin``, brings the prompt and the drafts: when
+a hybrid manager would release blocks that step still computes, the rows are
+admitted anew for all its positions, without prefix sharing).
 Generated tokens are not registered in the prefix cache (``update`` does not
 see token ids). One forward at a time; not thread-safe; no gradients flow
 through cached K/V (inference only).
@@ -57,54 +80,64 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedkv_core.config import AllocationRequest, PrefixCacheConfig
+from pagedkv_core.config import PrefixCacheConfig
 from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOperation
 from pagedkv_core.manager.facade import PagedKvCacheManager
+from pagedkv_core.manager.hybrid import HybridCacheManager
 
+from .hf_batch import RowBatch
 from .hf_compat import load_cache_utils
-from .hf_layers import HfCacheStats, PagedLayer, layer_windows
-from .hf_layout import StepPlan, host_2d, plan_step
+from .hf_layers import HfCacheStats, PagedLayer, layer_groups, layer_specs, layer_windows
+from .hf_layout import StepPlan, host_2d, plan_step, shared_keys_differ
 from .hf_pool import LayerPools, cache_config, layer_kv_shapes
+from .hf_rows import CropPastWindow, bind, block_owners, layer_windows_of, row_blocks
 from .storage import TorchStorage
 
-__all__ = ["PagedCache", "PagedLayer", "HfCacheStats", "layer_windows"]
+__all__ = ["PagedCache", "PagedLayer", "HfCacheStats", "CropPastWindow", "layer_windows"]
 
 _cache_utils = load_cache_utils()
 _CACHE_IDS = itertools.count()
 
 
 class PagedCache(_cache_utils.Cache):
-    """transformers ``Cache`` over a :class:`PagedKvCacheManager` on the torch backend (see the module docstring).
+    """transformers ``Cache`` over a pagedkv manager on the torch backend (see the module docstring).
 
-    ``config`` (the model's config) gives the layer kinds, sliding windows and
-    each layer's K/V shape (packed into the pool where it differs, see
-    :mod:`.hf_pool`); without it every layer is full attention with the
-    pool's shape. Build both at once with :meth:`from_model_config`.
+    ``manager``: a :class:`HybridCacheManager` (one table per cache group;
+    sliding and chunked layers release their old blocks) or a
+    :class:`PagedKvCacheManager` (one table for every layer; every token
+    stays stored). ``config`` (the model's config) gives the layer kinds,
+    windows and each layer's K/V shape (packed into the pool where it
+    differs, see :mod:`.hf_pool`); a hybrid manager's layer groups must match
+    it. Without it the layer kinds come from a hybrid manager's layout, or
+    are all full attention, in the pool's shape. Build both at once with
+    :meth:`from_model_config`.
     """
 
-    def __init__(self, manager: PagedKvCacheManager, config: Any = None) -> None:
+    def __init__(self, manager: PagedKvCacheManager | HybridCacheManager, config: Any = None) -> None:
+        rows = bind(manager)
         storage = manager.storage
         if not isinstance(storage, TorchStorage):
             raise UnsupportedOperation(f"PagedCache needs a manager over the torch backend's storage, "
                                        f"got {type(storage).__name__}")
-        c = storage.config
-        shapes = None if config is None else layer_kv_shapes(config)
-        windows = [None] * c.num_layers if config is None else layer_windows(config)
-        if len(windows) != c.num_layers:
-            raise ShapeMismatch(f"the model has {len(windows)} decoder layers, the storage {c.num_layers}")
+        layout = rows.layout
+        windows = layer_windows_of(layout, None if config is None else layer_specs(config), rows.drops_blocks)
         super().__init__(layers=[PagedLayer(self, i, w) for i, w in enumerate(windows)])
         self.manager = manager
         self.storage = storage
-        self._pools = LayerPools(storage, shapes)
-        self._tag = f"hf{next(_CACHE_IDS)}"
-        self._ids = itertools.count()
+        self._rows = rows
+        where = [layout.locate(layer) for layer in range(layout.num_layers)]
+        self._group_of = [group.index for group, _ in where]
+        self._pools = LayerPools(storage, None if config is None else layer_kv_shapes(config),
+                                 [slot for _, slot in where])
+        self._batch = RowBatch(rows, f"hf{next(_CACHE_IDS)}")
         self._totals = [0, 0, 0]  # prompt tokens, prefix hits, padding skipped
         self._clear()
 
     @classmethod
     def from_model_config(cls, config: Any, *, num_blocks: int, block_size: int = 16, device: str = "cpu",
                           dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
-                          prefix_cache: PrefixCacheConfig | None = None, **manager_options: Any) -> PagedCache:
+                          prefix_cache: PrefixCacheConfig | None = None, hybrid: bool | None = None,
+                          **manager_options: Any) -> PagedCache:
         """A cache with its own pools (``num_blocks`` blocks of ``block_size`` tokens) for a model of ``config``.
 
         ``dtype`` (a pagedkv name such as ``"bfloat16"``, ``"int8"``, or a
@@ -112,27 +145,35 @@ class PagedCache(_cache_utils.Cache):
         ``PrefixCacheConfig()`` (``PrefixCacheConfig(enabled=False)`` turns
         sharing off); ``manager_options`` go to the manager. Layers of different
         K/V shapes (Gemma 4's ``global_head_dim``) share one pool, packed.
+        ``hybrid`` (default: whether the model has sliding or chunked layers)
+        picks a :class:`HybridCacheManager` over the model's layer groups, whose
+        sliding and chunked layers free out-of-window blocks; ``False`` keeps one
+        :class:`PagedKvCacheManager` table for every layer (every token stored,
+        ``crop`` unrestricted, swapping and defragmentation available). A hybrid
+        block holds one cache group's layers (``manager.layout.slots``), not all:
+        the same ``num_blocks`` is a smaller pool (``manager.config.device_bytes``).
         """
+        specs = layer_specs(config)
+        if hybrid is None:
+            hybrid = any(kind != "full" for kind, _ in specs)
         config_ = cache_config(config, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
-                               max_seq_len=max_seq_len, prefix_cache=prefix_cache)
-        return cls(PagedKvCacheManager(TorchStorage(config_, device), **manager_options), config)
+                               max_seq_len=max_seq_len, prefix_cache=prefix_cache,
+                               layer_groups=layer_groups(specs) if hybrid else None)
+        storage = TorchStorage(config_.storage_config(), device)
+        if hybrid:
+            return cls(HybridCacheManager(storage, config_, **manager_options), config)
+        return cls(PagedKvCacheManager(storage, **manager_options), config)
 
     # -- rows -------------------------------------------------------------------------
 
     def _clear(self) -> None:
-        self._rids: list[str] = []
-        self._lead = np.zeros(0, np.int64)  # leading padding per row, not stored
-        self._skip = np.zeros(0, np.int64)  # first tokens per row that are shared, not to be written
+        self._batch.clear()
         self._length = 0  # padded positions reserved in every row
         self._layer_lens = [0] * len(self.layers)  # padded positions written, per layer
         self._span: tuple[int, int] | None = None  # the step under way
-        self._plan: StepPlan | None = None
-        self._unwritten = False  # blocks registered in the prefix cache before their K/V were written
+        self._plans: list[StepPlan | None] = [None] * len(self._rows.layout.cache_groups)  # the step's, per group
         self._fresh = False  # admitted by begin(), nothing written yet: rows may still be repeated
         self._verify = False  # compare shared keys with fresh ones at the next update
-
-    def _new_id(self) -> str:
-        return f"{self._tag}-{next(self._ids)}"
 
     def begin(self, input_ids: Any, attention_mask: Any = None, *, cache_salt: str | None = None,
               skip_cached: bool = True) -> list[int]:
@@ -159,41 +200,26 @@ class PagedCache(_cache_utils.Cache):
         self.release()
         length = ids.shape[1]
         lead = real.argmax(axis=1).astype(np.int64)
-        handles = []
-        try:
-            for row, pad in enumerate(lead):
-                tokens = tuple(ids[row, pad:].tolist()) if real[row, pad:].all() else None
-                request = AllocationRequest(self._new_id(), initial_tokens=length - int(pad), token_ids=tokens,
-                                            cache_salt=cache_salt)
-                handles.append(self.manager.allocate(request))
-                self._rids.append(request.request_id)
-        except BaseException:
-            self._unwritten = True
-            self.release()
-            raise
-        self._lead = lead
-        self._skip = np.array([h.num_cached_tokens for h in handles], np.int64)
+        batch = self._batch
+        batch.admit_prompts(ids, real, lead, cache_salt)
         # positions every row already has (padding or shared blocks) need not go through the model again
-        done = int((lead + self._skip).min()) if skip_cached else 0
+        done = int((lead + batch.skip).min()) if skip_cached else 0
         self._length, self._span, self._layer_lens = length, (done, length), [done] * len(self.layers)
-        self._unwritten = self.manager.prefix_config is not None
         self._fresh = True
-        self._verify = bool(self._skip.any())
+        self._verify = bool(batch.skip.any())
         self._totals[0] += int((length - lead).sum())
-        self._totals[1] += int(self._skip.sum())
+        self._totals[1] += int(batch.skip.sum())
         self._totals[2] += int(lead.sum())
-        return self._skip.tolist()
+        return batch.skip.tolist()
 
     def release(self) -> None:
         """Free every row (their full blocks stay in the prefix cache); the cache is empty afterwards.
 
         If a prefill did not complete, blocks may be registered whose K/V were
-        never written: then the manager's cached free blocks are forgotten too.
+        never written: then their prefix hashes are forgotten too (a uniform
+        manager forgets every cached free block, as it has no finer call).
         """
-        for rid in self._rids:
-            self.manager.deallocate(rid)
-        if self._unwritten and self._rids:
-            self.manager.gc(all_prefixes=True)
+        self._batch.release()
         self._clear()
 
     def reset(self) -> None:
@@ -214,38 +240,32 @@ class PagedCache(_cache_utils.Cache):
         if (heads, head_dim) != self._pools.shapes[layer_idx]:
             held = self._pools.shapes[layer_idx]
             raise ShapeMismatch(f"layer {layer_idx} holds {held[0]} KV heads of {held[1]}, got {heads} of {head_dim}")
-        if not self._rids:
-            self._admit(batch, new)
-        elif batch != len(self._rids):
+        if not self._batch.rids:  # first update without begin(): every position stored, nothing shared
+            self._batch.admit_blank(batch, new)
+            self._length, self._span = new, (0, new)
+        elif batch != len(self._batch):
             self._expand(batch)
         start = self._layer_lens[layer_idx]
         end = start + new
         if (start, end) != self._span:
             self._new_step(layer_idx, start, end)
-        plan = self._plan if self._plan is not None and self._plan.span == self._span else self._make_plan()
+        plan = self._plans[self._group_of[layer_idx]]
+        if plan is None or plan.span != (start, end):
+            plan = self._make_plans(start, end)[self._group_of[layer_idx]]
         self._pools.write(layer_idx, key_states, value_states, plan)
         self._fresh = False
         kv_start = self.layers[layer_idx].kv_start(start)
-        keys, values = self._pools.gather(layer_idx, plan, self._lead, kv_start, key_states.dtype)
+        keys, values = self._pools.gather(layer_idx, plan, kv_start, key_states.dtype)
         if self._verify:
             self._verify = False
             self._check_shared(key_states, keys, plan, kv_start)
         self._layer_lens[layer_idx] = end
-        if self._unwritten and all(n == self._length for n in self._layer_lens):
-            self._unwritten = False
+        if self._batch.unwritten and all(n == self._length for n in self._layer_lens):
+            self._batch.unwritten = False
         return keys, values
 
-    def _admit(self, batch: int, new: int) -> None:
-        """First update without ``begin``: one sequence per row, all ``new`` positions stored, no token ids."""
-        requests = [AllocationRequest(self._new_id(), initial_tokens=new) for _ in range(batch)]
-        self.manager.allocate_batch(requests)
-        self._rids = [r.request_id for r in requests]
-        self._lead = np.zeros(batch, np.int64)
-        self._skip = np.zeros(batch, np.int64)
-        self._length, self._span = new, (0, new)
-
     def _expand(self, batch: int) -> None:
-        rows = len(self._rids)
+        rows = len(self._batch)
         if batch % rows or not self._fresh:
             raise ShapeMismatch(f"the cache holds {rows} rows, the forward pass has {batch}")
         self._reindex(np.repeat(np.arange(rows), batch // rows))
@@ -269,35 +289,46 @@ class PagedCache(_cache_utils.Cache):
                 f"layer {layer_idx} brings {end - start} positions at {start}, more than the {self._length - start} "
                 f"the prompt has after {start} cached ones: transformers' assisted and prompt-lookup decoding feed "
                 "the whole prompt at their first step; start them with begin(..., skip_cached=False)")
-        new = end - self._length
-        if new == 1:
-            self.manager.append_slots(self._rids)
+        new, rids = end - self._length, self._batch.rids
+        if self._fresh and self._rows.would_release(rids):
+            # a hybrid manager releases out-of-window blocks before it reserves slots, taking the admitted
+            # tokens as computed; this step computes them: admit the rows anew (no sharing in this request)
+            self._totals[1] -= int(self._batch.skip.sum())  # those hits are given up
+            try:
+                self._batch.readmit(end)
+            except BaseException:
+                self._clear()
+                raise
+        elif new == 1:
+            self.manager.append_slots(rids)
         else:
-            self.manager.extend_batch(self._rids, [new] * len(self._rids))
+            self.manager.extend_batch(rids, [new] * len(rids))
         self._length, self._span = end, (start, end)
         if not self._fresh:  # begin()'s shared tokens stay unwritten in the step that extends the prompt
-            self._skip[:] = 0
+            self._batch.skip[:] = 0
 
-    def _make_plan(self) -> StepPlan:
-        meta = self.manager.batch_metadata(self._rids, [0] * len(self._rids))
-        start, end = self._span
-        self._plan = plan_step(meta.block_tables, meta.seq_lens, self._lead, self._skip, start, end,
-                               self.storage.config.block_size, self.storage.torch_device)
-        return self._plan
+    def _make_plans(self, start: int, end: int) -> list[StepPlan]:
+        """Plan the step for every cache group, each from the first position its layers read."""
+        batch, bs, null = self._batch, self.storage.config.block_size, self._rows.null_block
+        plans = []
+        for group, meta in zip(self._rows.layout.cache_groups, self._rows.metadata(batch.rids)):
+            lo = min(self.layers[layer].kv_start(start) for layer in group.layers)
+            plans.append(plan_step(meta.block_tables, meta.seq_lens, batch.lead, batch.skip, start, end, bs,
+                                   self.storage.torch_device, lo=lo, null_block=null if group.drops_blocks else None))
+        self._plans = list(plans)
+        return plans
 
     def _check_shared(self, fresh: torch.Tensor, keys: torch.Tensor, plan: StepPlan, kv_start: int) -> None:
         """Shared tokens must have the keys this forward computed for them, or sharing would change the output."""
-        for row, lo, hi in plan.shared:
-            new = fresh[row, :, lo - plan.start:hi - plan.start].float()
-            old = keys[row, :, lo - kv_start:hi - kv_start].float()
-            if (new - old).abs().max() > 1e-2 * old.abs().max() + 1e-5:
-                self._unwritten = True
-                self.release()
-                raise InvalidArgument(
-                    f"row {row} shares cached blocks whose keys differ from the ones this forward computed: "
-                    "prefix sharing needs position ids that count from each row's first attended token "
-                    "(generate() does this; in a manual loop pass position_ids=attention_mask.cumsum(-1) - 1, "
-                    "clamped at 0), and one model per manager. The rows were released.")
+        row = shared_keys_differ(fresh, keys, plan, kv_start)
+        if row is not None:
+            self._batch.unwritten = True
+            self.release()
+            raise InvalidArgument(
+                f"row {row} shares cached blocks whose keys differ from the ones this forward computed: "
+                "prefix sharing needs position ids that count from each row's first attended token "
+                "(generate() does this; in a manual loop pass position_ids=attention_mask.cumsum(-1) - 1, "
+                "clamped at 0), and one model per manager. The rows were released.")
 
     # -- sequence-level operations ----------------------------------------------------------
 
@@ -310,24 +341,21 @@ class PagedCache(_cache_utils.Cache):
         if tokens_to_remove > 0:
             raise ValueError(f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
                              "Please use a negative integer to remove that number of tokens from the cache instead.")
-        if tokens_to_remove == 0 or not self._rids:
+        if tokens_to_remove == 0 or not self._batch.rids:
             return
         self._require_in_step("crop")
         drop = min(-tokens_to_remove, self._length)
+        self._batch.trim(drop, self._length)  # all rows or none (CropPastWindow)
         kept = self._length - drop
-        for rid, pad in zip(self._rids, self._lead):
-            self.manager.trim(rid, min(drop, self._length - int(pad)))
-        self._lead = np.minimum(self._lead, kept)
         self._length, self._layer_lens = kept, [kept] * len(self.layers)
-        self._span, self._plan = None, None
-        self._skip[:] = 0
+        self._span, self._plans = None, [None] * len(self._plans)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Row ``j`` becomes old row ``beam_idx[j]`` (beam search); repeated rows are forked, dropped ones freed."""
         self._reindex(np.asarray(beam_idx.tolist(), np.int64))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._reindex(np.repeat(np.arange(len(self._rids)), repeats))
+        self._reindex(np.repeat(np.arange(len(self._batch)), repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         index = torch.as_tensor(indices)
@@ -336,31 +364,21 @@ class PagedCache(_cache_utils.Cache):
         self._reindex(np.asarray(index.tolist(), np.int64))
 
     def _reindex(self, indices: np.ndarray) -> None:
-        if not self._rids:
+        rows = len(self._batch)
+        if not rows:
             return
         if not self._fresh:
             self._require_in_step("reordering rows")
-        if indices.ndim != 1 or ((indices < 0) | (indices >= len(self._rids))).any():
-            raise InvalidArgument(f"row indices {indices.tolist()} out of range for {len(self._rids)} rows")
-        rids, used, skip = [], set(), self._skip[indices].copy()
-        for j, i in enumerate(indices.tolist()):
-            if i in used:  # a copy shares every block; it never writes what it shares
-                rids.append(self._new_id())
-                self.manager.fork(self._rids[i], rids[-1])
-                skip[j] = self._length - self._lead[i]
-            else:
-                used.add(i)
-                rids.append(self._rids[i])
-        for i, rid in enumerate(self._rids):
-            if i not in used:
-                self.manager.deallocate(rid)
-        self._rids, self._lead, self._skip, self._plan = rids, self._lead[indices], skip, None
+        if indices.ndim != 1 or ((indices < 0) | (indices >= rows)).any():
+            raise InvalidArgument(f"row indices {indices.tolist()} out of range for {rows} rows")
+        self._batch.reindex(indices, self._length)
+        self._plans = [None] * len(self._plans)
 
     # -- facts ------------------------------------------------------------------------------
 
     @property
     def batch_size(self) -> int:
-        return len(self._rids) if self._rids else -1
+        return len(self._batch) if self._batch.rids else -1
 
     def layer_length(self, layer_idx: int) -> int:
         """Padded positions layer ``layer_idx`` has written (its layer object's ``get_seq_length``)."""
@@ -369,23 +387,23 @@ class PagedCache(_cache_utils.Cache):
     @property
     def request_ids(self) -> tuple[str, ...]:
         """The manager's request id of each row."""
-        return tuple(self._rids)
+        return tuple(self._batch.rids)
 
-    def block_ids(self, row: int) -> list[int]:
-        """Physical block ids under row ``row``, in order."""
-        return list(self.manager.get_handle(self._rids[row]).block_table.block_ids)
+    def block_ids(self, row: int, group: int = 0) -> list[int]:
+        """Physical block ids under row ``row`` in cache group ``group``, in order.
+
+        A hybrid manager's released entries show its ``null_block``.
+        """
+        return row_blocks(self._rows.metadata([self._batch.rids[row]])[group], 0)
 
     def stats(self) -> HfCacheStats:
-        tables = [self.block_ids(row) for row in range(len(self._rids))]
-        counts: dict[int, int] = {}
-        for table in tables:
-            for block in set(table):
-                counts[block] = counts.get(block, 0) + 1
-        stored = int(np.maximum(self._length - self._lead, 0).sum()) if self._rids else 0
-        return HfCacheStats(len(self._rids), self._layer_lens[0] if self._layer_lens else 0, stored, len(counts),
-                            sum(1 for n in counts.values() if n > 1), *self._totals)
+        batch = self._batch
+        owners = block_owners(self._rows, batch.rids)
+        stored = int(np.maximum(self._length - batch.lead, 0).sum()) if batch.rids else 0
+        return HfCacheStats(len(batch), self._layer_lens[0] if self._layer_lens else 0, stored, len(owners),
+                            sum(1 for n in owners.values() if n > 1), *self._totals)
 
     def __repr__(self) -> str:
-        return (f"PagedCache(rows={len(self._rids)}, seq_length={self.get_seq_length()}, "
+        return (f"PagedCache(rows={len(self._batch)}, seq_length={self.get_seq_length()}, "
                 f"layers={len(self.layers)}, sliding={self.is_sliding})")
 

@@ -4,6 +4,12 @@ Split out of :mod:`.hf_cache` to keep modules small. The layer objects exist
 because transformers reads sizes per layer (``get_mask_sizes``,
 ``get_seq_length``, ``is_sliding``); the K/V themselves, and everything that
 acts on whole sequences, belong to :class:`~pagedkv_torch.hf_cache.PagedCache`.
+
+The layer kinds also become pagedkv layer groups (:func:`layer_groups`), by
+which a hybrid manager releases blocks, so they say what the model's masks
+do: a chunked layer is a ``chunked_local`` group (all of a chunk is freed
+when the next chunk starts), although transformers caches it like a sliding
+layer whose window is the chunk size (which sizes what its ``update`` returns).
 """
 
 from __future__ import annotations
@@ -14,32 +20,58 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagedkv_core.errors import UnsupportedOperation
+from pagedkv_core.layers import LayerGroup, LayerKind
 
 from .hf_compat import load_cache_utils
+from .hf_pool import refuse_shared_kv
 
 if TYPE_CHECKING:
     from .hf_cache import PagedCache
 
-__all__ = ["HfCacheStats", "PagedLayer", "layer_windows"]
+__all__ = ["HfCacheStats", "LayerSpec", "PagedLayer", "layer_groups", "layer_specs", "layer_windows"]
 
 _cache_utils = load_cache_utils()
-_WINDOWED = ("sliding_attention", "chunked_attention")
+_KINDS: dict[str, LayerKind] = {"full_attention": "full", "sliding_attention": "sliding",
+                                 "chunked_attention": "chunked_local"}
+LayerSpec = tuple[LayerKind, int | None]  # (pagedkv layer kind, window or chunk size; None when full)
 
 
-def layer_windows(config: Any) -> list[int | None]:
-    """Per decoder layer, None (full attention) or its window, laid out as ``DynamicCache(config=config)`` does.
+def layer_specs(config: Any) -> list[LayerSpec]:
+    """Per decoder layer, its kind and size, read as ``DynamicCache(config=config)`` reads them.
 
-    Raises :class:`UnsupportedOperation` for layer kinds without a plain K/V
-    cache (linear attention, KV-sharing, indexed attention, ...).
+    ``("full", None)``, ``("sliding", window)`` or ``("chunked_local",
+    attention_chunk_size)`` (Llama 4). Raises :class:`UnsupportedOperation`
+    for layer kinds without a plain K/V cache (linear attention, KV-sharing,
+    indexed attention, ...).
     """
     text = config.get_text_config(decoder=True)
+    refuse_shared_kv(text)  # its layers read as "dummy"; say why
     describe = getattr(_cache_utils, "get_layer_types_and_kwargs", None) or _layer_types
     types, kwargs = describe(text)
-    unsupported = sorted({t for t in types if t not in ("full_attention", *_WINDOWED)})
+    unsupported = sorted({t for t in types if t not in _KINDS})
     if unsupported:
         raise UnsupportedOperation(f"PagedCache stores full, sliding and chunked attention layers; this model also "
                                    f"has {', '.join(unsupported)} layers")
-    return [kw["sliding_window"] if t in _WINDOWED else None for t, kw in zip(types, kwargs)]
+    return [(_KINDS[t], kw.get("sliding_window") if _KINDS[t] != "full" else None) for t, kw in zip(types, kwargs)]
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, None (full attention) or its window (a chunked layer's chunk size), as ``DynamicCache``.
+
+    transformers caches a chunked layer like a sliding one of ``window = attention_chunk_size``
+    (only the mask differs), so the window is what sizes the K/V a layer returns.
+    """
+    return [size for _, size in layer_specs(config)]
+
+
+def layer_groups(specs: list[LayerSpec]) -> tuple[LayerGroup, ...]:
+    """One :class:`LayerGroup` per kind and size of :func:`layer_specs`, in the order of their first layers."""
+    members: dict[LayerSpec, list[int]] = {}
+    for layer, spec in enumerate(specs):
+        members.setdefault(spec, []).append(layer)
+    return tuple(LayerGroup(kind, tuple(layers), window=size if kind == "sliding" else None,
+                            chunk_size=size if kind == "chunked_local" else None)
+                 for (kind, size), layers in members.items())
 
 
 def _layer_types(config: Any) -> tuple[list[str], list[dict]]:
@@ -61,7 +93,7 @@ class HfCacheStats:
     sequences: int  # rows now held
     seq_length: int  # padded length, what get_seq_length() reports
     stored_tokens: int  # tokens the rows hold (padding not counted)
-    blocks: int  # distinct blocks under the rows
+    blocks: int  # distinct blocks under the rows (every cache group's; released ones not counted)
     shared_blocks: int  # of which under two rows or more
     prompt_tokens: int  # tokens admitted through begin(), since construction
     prefix_hit_tokens: int  # of which served by shared blocks (prefix cache)

@@ -172,7 +172,7 @@ def test_beam_search_and_return_sequences_fork_rows():
     out = generate(model, ids, mask, cache, **options)
     assert torch.equal(ref.sequences, out.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores)
-    assert cache.stats().sequences == 9 and cache.manager.stats().cow_copies > 0
+    assert cache.stats().sequences == 9 and cache.manager.counters["cow_copies"] > 0
     cache.manager.check_invariants()
 
 
