@@ -331,3 +331,17 @@ def test_groups_that_all_release_are_not_bounded_by_the_pool():
     assert m.has_sequence("a") and not m.has_sequence("b")
     bounded = _config((LayerGroup.full([0]), LayerGroup.sliding(8, [1])), 2, num_blocks=16)
     assert bounded.max_blocks_per_seq == 16
+
+
+def test_a_step_can_keep_what_its_queries_still_read():
+    """A prompt admitted and extended by drafts before its first forward: its queries start at 0."""
+    m = _gemma_like(window=8)
+    m.allocate(AllocationRequest("a", token_ids=tuple(range(29))))
+    m.extend_batch(["a"], [4], release=False)
+    meta = m.batch_metadata(["a"], [33])  # every position is still held: the whole step can be computed
+    assert meta.groups[1].slot_mapping.size == 33
+    m.extend_batch(["a"], [1])  # the next step releases as usual
+    assert m.blocks_held(1) <= 8 // BS + 2
+    with pytest.raises(InvalidArgument):
+        m.batch_metadata(["a"], [34])
+    m.check_invariants()

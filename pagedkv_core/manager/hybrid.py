@@ -230,8 +230,15 @@ class HybridCacheManager:
         self.extend_batch([request_id], [additional_tokens], None if token_ids is None else [token_ids])
 
     def extend_batch(self, request_ids: Seq[str], counts: Seq[int] | None = None,
-                     token_ids: Seq[Seq[int] | None] | None = None) -> None:
-        """Reserve slots for a scheduler step (chunked prefill, speculative tokens) in every group; all or nothing."""
+                     token_ids: Seq[Seq[int] | None] | None = None, *, release: bool = True) -> None:
+        """Reserve slots for a scheduler step (chunked prefill, speculative tokens) in every group; all or nothing.
+
+        Before reserving, sliding and chunked groups release what no query
+        from the current length on can read. ``release=False`` keeps those
+        blocks for this step: for a step that still computes tokens already
+        reserved (a prompt admitted and extended by drafts before its first
+        forward), whose queries read further back.
+        """
         with self.lock:
             if len(set(request_ids)) != len(request_ids):
                 raise InvalidArgument("a request id appears twice in one batch")
@@ -240,7 +247,7 @@ class HybridCacheManager:
                 raise InvalidArgument("request_ids, counts and token_ids must have the same length")
             per_group = [(g, [g.sequences.running(r) for r in request_ids]) for g in self.groups]
             needs = [g.growth.reserve_need(seqs, sizes, token_ids) for g, seqs in per_group]
-            self._drop_and_check(per_group, sum(needed for needed, _ in needs))
+            self._drop_and_check(per_group if release else [], sum(needed for needed, _ in needs))
             for (group, seqs), (_, widest) in zip(per_group, needs):
                 group.growth.reserve_checked(seqs, sizes, token_ids, widest)
 
