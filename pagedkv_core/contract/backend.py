@@ -41,7 +41,9 @@ class Capabilities:
     ``sliding_window``, ``soft_cap``, ``gqa``, and where implemented
     ``chunked_local`` (``chunk_size``) and ``sinks`` (``run(..., sinks=)``);
     a plan asked for a feature its backend does not list raises
-    ``UnsupportedOperation``. ``block_sizes=None`` means any.
+    ``UnsupportedOperation``. ``cascade`` says ``plan_cascade`` reads a
+    group's shared blocks once (without it, ``plan(..., cascade=)`` still
+    works, planned as usual). ``block_sizes=None`` means any.
     ``tolerances`` may widen or tighten the suite's per-dtype tolerances per
     operation: ``{("decode", "float16"): (atol, rtol)}``.
     ``expected_failures`` declares checks known to fail: ``{check_id_prefix: reason}``.

@@ -15,9 +15,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from pagedkv_core.blocks.cascade import CascadeLayout
 from pagedkv_core.contract.attention import AttentionBase, AttentionParams, AttentionPlan, BatchIndex
 from pagedkv_core.errors import InvalidArgument, UnsupportedOperation
 
+from .cascade import cascade_plan
 from .native_decode import NativeDecodePlan, native_unavailable_reason
 from .storage import TorchStorage
 from .torch_decode import DEFAULT_TILE_BYTES, TorchDecodePlan
@@ -103,3 +105,12 @@ class TorchAttention(AttentionBase):
         if decode:
             return TorchDecodePlan(storage, index, params, self.tile_bytes)
         return TorchPrefillPlan(storage, index, params)
+
+    def plan_cascade(self, storage: TorchStorage, index: BatchIndex, params: AttentionParams,
+                     layout: CascadeLayout) -> AttentionPlan:
+        """Plan a decode batch whose groups share leading blocks: each group's shared blocks are read once.
+
+        Torch ops on every device (see ``cascade``); rows in no group, and
+        quantized pools, take the plan ``plan_index`` builds.
+        """
+        return cascade_plan(self, storage, index, params, layout)

@@ -19,8 +19,11 @@ from .storage import TorchStorage
 
 __all__ = ["TorchBackend", "ATTENTION_FEATURES"]
 
-ATTENTION_FEATURES = ("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks")
-"""The attention features of ``Capabilities.kernels``: all of them, in each of the backend's kernels."""
+ATTENTION_FEATURES = ("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks", "cascade")
+"""The attention features of ``Capabilities.kernels``: all of them, in each of the backend's kernels.
+
+``cascade`` (shared-prefix decode, ``TorchAttention.plan_cascade``) is torch ops on the storage's device, so
+it runs wherever the torch-op decode does; quantized pools take the ordinary plan there (same result)."""
 
 
 def _version() -> str:
@@ -51,7 +54,10 @@ class TorchBackend:
         return probe_device(device)
 
     def capabilities(self, device: str) -> Capabilities:
-        """Every attention path (torch ops, the compiled CPU decode, Triton) has every feature, on every device."""
+        """Every attention path (torch ops, the compiled CPU decode, Triton) has every feature, on every device.
+
+        Cascade decode runs on torch ops for the rows in a group and on the device's kernel for the others.
+        """
         dev = parse_device(device)
         return Capabilities(dtypes=float_dtypes(dev), quantized=quantized_dtypes(dev), max_head_dim=512,
                             kernels=ATTENTION_FEATURES)

@@ -218,16 +218,19 @@ class TensorParallelAttention(AttentionBase):
         self.group = group
 
     def plan(self, storage, block_tables, seq_lens, query_start_loc=None, *, causal=True, scale=None,
-             sliding_window=None, soft_cap=None, chunk_size=None) -> TensorParallelPlan:
+             sliding_window=None, soft_cap=None, chunk_size=None, cascade=None) -> TensorParallelPlan:
         """See :meth:`pagedkv_core.contract.attention.Attention.plan`; the batch arrays are the same on every rank.
 
         Delegates to the wrapped attention's ``plan`` (which validates the
         arrays), so any :class:`~pagedkv_core.contract.attention.Attention` can be wrapped
-        (``chunk_size`` is passed on only when set: an attention written
-        before it existed still wraps).
+        (``chunk_size`` and ``cascade`` are passed on only when set: an
+        attention written before they existed still wraps; a cascade layout
+        describes block ids, the same on every rank).
         """
         self._check_shard(storage)
-        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+        extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
+        if cascade is not None:
+            extra["cascade"] = cascade
         plan = self.attention.plan(storage, block_tables, seq_lens, query_start_loc, causal=causal, scale=scale,
                                    sliding_window=sliding_window, soft_cap=soft_cap, **extra)
         return TensorParallelPlan(plan, self.shard, self.group)

@@ -12,7 +12,7 @@ from pagedkv_core.dtypes import FLOAT_DTYPES, QUANTIZED_DTYPES
 
 pytestmark = pytest.mark.pagedkv_area("capabilities")
 
-KNOWN_KERNELS = {"decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks"}
+KNOWN_KERNELS = {"decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks", "cascade"}
 
 
 def test_declares_storage_dtypes(target):
