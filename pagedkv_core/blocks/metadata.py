@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..layers import CacheGroup, GroupLayout
-from .cascade import CascadeLayout, build_cascade
+from .cascade import MIN_GROUP_SIZE, MIN_SHARED_BLOCKS, CascadeLayout, build_cascade
 
 __all__ = ["BatchMetadata", "HybridMetadata", "LayerStep", "build_batch_metadata"]
 
@@ -71,7 +71,7 @@ class BatchMetadata:
     def last_page_len(self) -> np.ndarray:
         return self._csr_form()[2]
 
-    def cascade(self, *, min_shared_blocks: int = 1, min_group_size: int = 2) -> CascadeLayout:
+    def cascade(self, *, min_shared_blocks: int = MIN_SHARED_BLOCKS, min_group_size: int = MIN_GROUP_SIZE) -> CascadeLayout:
         """Which rows share leading blocks, for ``attention.plan(..., cascade=...)`` or an engine's own kernels."""
         return build_cascade(self.block_tables, self.seq_lens, self.block_size,
                              min_shared_blocks=min_shared_blocks, min_group_size=min_group_size)

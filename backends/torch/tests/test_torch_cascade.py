@@ -83,7 +83,7 @@ MANY_PREFIXES = {0: 3, 1: 1, 2: 6, 3: 2, 4: 4, 5: 5, 6: 1}
 @pytest.mark.parametrize("features", [{}, {"soft_cap": 2.5, "scale": 0.4}], ids=["plain", "soft_cap"])
 def test_many_interleaved_groups_match_the_oracle(backend, kernel, features):
     storage, tables, lens, rng = make_case(backend, MANY_ROWS, MANY_PREFIXES)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     assert layout.num_groups == 7 and (layout.shared_tokens == 0).sum() == 4
     q, q64 = query(backend, storage, rng, len(lens), 8, "float32")
     plan = TorchAttention(kernel).plan(storage, tables, lens, cascade=layout, **features)
@@ -98,7 +98,7 @@ def test_a_group_whose_rows_are_far_apart(backend):
     """Rows 0, 5 and 9 share 4 blocks; the rows between them have prefixes of their own, or none."""
     rows = [(0, 3), (None, 20), (1, 4), (None, 9), (1, 11), (0, 16), (None, 2), (2, 1), (2, 6), (0, 0)]
     storage, tables, lens, rng = make_case(backend, rows, {0: 4, 1: 2, 2: 3}, kv_heads=1)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     members = [sorted(layout.group(g)[0].tolist()) for g in range(layout.num_groups)]
     assert [0, 5, 9] in members
     q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
@@ -117,7 +117,7 @@ def test_half_precision_merge_over_a_long_prefix(backend, dtype):
     """
     rows = [(0, 3), (0, 70), (0, 0), (0, 17), (1, 9), (1, 40)]
     storage, tables, lens, rng = make_case(backend, rows, {0: 80, 1: 3}, dtype=dtype, kv_heads=2, head_dim=64)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     q, q64 = query(backend, storage, rng, len(lens), 8, dtype)
     expected = want(storage, q64, tables, lens)
     got = backend.to_numpy(TorchAttention().plan(storage, tables, lens, cascade=layout).run(q, 1)).astype(np.float64)
@@ -134,7 +134,7 @@ def test_sinks_on_both_paths(backend, kernel):
     """Sinks given as NumPy or as a tensor, with rows in no group (the ordinary plan checks them first) and without."""
     for rows in ([(0, 5), (None, 12), (0, 9), (1, 0), (1, 30)], [(0, 5), (0, 9), (1, 0), (1, 30)]):
         storage, tables, lens, rng = make_case(backend, rows, {0: 3, 1: 2})
-        layout = build_cascade(tables, lens, BS)
+        layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
         q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
         sinks = rng.uniform(-3, 3, 4).astype(np.float32)
         plan = TorchAttention(kernel).plan(storage, tables, lens, cascade=layout)
@@ -161,7 +161,7 @@ BAD = {
 def test_bad_sinks_raise_the_ordinary_plans_errors(backend, case, rest):
     rows = [(0, 5), (None, 12), (0, 9)] if rest else [(0, 5), (0, 9)]
     storage, tables, lens, rng = make_case(backend, rows, {0: 2})
-    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS))
+    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1))
     q, _ = query(backend, storage, rng, len(lens), 4, "float32")
     sinks, error = BAD[case]
     with pytest.raises(error):
@@ -170,7 +170,7 @@ def test_bad_sinks_raise_the_ordinary_plans_errors(backend, case, rest):
 
 def test_query_checks_are_the_ordinary_plans(backend):
     storage, tables, lens, rng = make_case(backend, [(0, 5), (0, 9)], {0: 2})
-    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS))
+    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1))
     q, _ = query(backend, storage, rng, len(lens), 4, "float32")
     with pytest.raises(DTypeMismatch):
         plan.run(q.double(), 1)
@@ -191,7 +191,7 @@ def test_garbage_in_hidden_slots_never_reaches_the_output(backend):
                                       for i, n in enumerate(lens)]))
     values = rng.standard_normal((2, slots.size, c.num_kv_heads, c.head_dim)).astype(np.float32)
     storage.write(1, slots, values[0], values[1])
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
     expected = want(storage, q64, tables, lens)
     rows = layout.members  # row 3 is in no group: the ordinary plan's, checked by the conformance suite's poisoned pool
@@ -204,7 +204,7 @@ def test_garbage_in_hidden_slots_never_reaches_the_output(backend):
 def test_the_plan_serves_every_layer(backend):
     """Buffers are kept across ``run`` calls; layers of other values give their own results."""
     storage, tables, lens, rng = make_case(backend, [(0, 5), (None, 3), (0, 30), (0, 0)], {0: 140}, layers=3)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     plan = TorchAttention().plan(storage, tables, lens, cascade=layout)
     q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
     for layer in (2, 0, 1, 0):
@@ -214,7 +214,7 @@ def test_the_plan_serves_every_layer(backend):
 
 def test_quantized_pools_and_layouts_without_groups_take_the_ordinary_plan(backend):
     storage, tables, lens, rng = make_case(backend, [(0, 5), (0, 9), (None, 4)], {0: 2}, dtype="int8")
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     assert layout.num_groups == 1
     attention = TorchAttention()
     plan = attention.plan(storage, tables, lens, cascade=layout)
@@ -222,7 +222,7 @@ def test_quantized_pools_and_layouts_without_groups_take_the_ordinary_plan(backe
     q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
     assert torch.equal(plan.run(q, 1), attention.plan(storage, tables, lens).run(q, 1))
     storage, tables, lens, rng = make_case(backend, [(None, 5), (None, 9)], {})
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     assert layout.num_groups == 0
     plan = attention.plan(storage, tables, lens, cascade=layout)
     assert type(plan) is type(attention.plan(storage, tables, lens))
@@ -233,7 +233,7 @@ def test_plan_cascade_checks_a_layout_handed_to_it_directly(backend):
     import dataclasses
 
     storage, tables, lens, _ = make_case(backend, [(0, 5), (0, 9), (None, 4)], {0: 2})
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     index = check_batch(storage.config, tables, lens)
     params = AttentionParams.make(storage.config.head_dim)
     wrong = layout.shared_blocks.copy()
@@ -245,7 +245,7 @@ def test_plan_cascade_checks_a_layout_handed_to_it_directly(backend):
 @pytest.mark.skipif(native_unavailable_reason() is not None, reason="the compiled CPU decode is not built")
 def test_rows_in_no_group_run_the_compiled_decode(backend):
     storage, tables, lens, rng = make_case(backend, [(0, 5), (None, 9), (0, 2)], {0: 2})
-    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS))
+    plan = TorchAttention().plan(storage, tables, lens, cascade=build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1))
     assert type(plan.rest_plan).__name__ == "NativeDecodePlan"
     q, q64 = query(backend, storage, rng, len(lens), 4, "float32")
     assert_close(backend.to_numpy(plan.run(q, 1)).astype(np.float64), want(storage, q64, tables, lens), "float32",

@@ -74,7 +74,7 @@ def test_cascade_decode_matches_oracle(target, dtype, soft_cap, sinks):
     storage = make_storage(target, config)
     tables, lens = _shared_batch(rng, config.num_blocks)
     _write_prefixes(target, storage, tables, lens, rng)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     assert layout.num_groups == 2 and layout.shared_tokens.tolist() == [64, 64, 64, 32, 32, 0, 0]
     q, q64 = make_query(target, rng, len(lens), 8, 64, dtype)
     extra = {}
@@ -98,7 +98,7 @@ def test_a_layout_that_misdescribes_the_batch_is_refused(target):
     storage = make_storage(target, config)
     rng = np.random.default_rng(7)
     tables, lens = _shared_batch(rng, config.num_blocks)
-    layout = build_cascade(tables, lens, BS)
+    layout = build_cascade(tables, lens, BS, min_group_size=2, min_shared_blocks=1)
     attention = target.backend.attention
     wrong_block = layout.shared_blocks.copy()
     wrong_block[0] = tables[5, 0]
