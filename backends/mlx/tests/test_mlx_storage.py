@@ -72,17 +72,6 @@ def test_write_casts_and_accepts_native_indices(backend, rng):
     np.testing.assert_array_equal(flat[[0, 5, 9, 30]], k.astype(np.float16).astype(np.float32))
 
 
-def test_padding_slots_are_skipped(backend, rng):
-    storage = backend.create_storage(make_config(), "cpu")
-    k, v = random_kv(rng, 4, storage.config)
-    storage.write(0, np.array([-1, 7, -1, 3]), k, v)
-    flat = storage.to_numpy(0)[0].reshape(-1, *k.shape[1:])
-    np.testing.assert_array_equal(flat[[7, 3]], k[[1, 3]])
-    assert np.count_nonzero(flat.any(axis=(1, 2))) == 2
-    storage.write(0, np.array([-1, -1]), k[:2], v[:2])  # nothing to write
-    np.testing.assert_array_equal(storage.to_numpy(0)[0].reshape(-1, *k.shape[1:])[[7, 3]], k[[1, 3]])
-
-
 def test_int8_write_quantizes_per_block_and_head(backend, rng):
     """A block written whole holds exactly the core's quantization of it; scales are absmax / 127."""
     storage = backend.create_storage(make_config("int8"), "cpu")
@@ -109,21 +98,6 @@ def test_int8_requantizes_like_the_numpy_backend(backend, rng):
     for a, b in zip(ours.to_numpy(0), ref.to_numpy(0)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.array(ours.scales(0)[0]), ref.scales(0)[0])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_copy_blocks_is_bit_exact_in_every_layer(backend, rng, dtype):
-    storage = backend.create_storage(make_config(dtype), "cpu")
-    fill(storage, rng)
-    before = [storage.to_numpy(layer) for layer in range(2)]
-    src, dst = np.array([3, 10, 11]), np.array([40, 0, 12])
-    storage.copy_blocks(src, dst)
-    for layer in range(2):
-        for now, old in zip(storage.to_numpy(layer), before[layer]):
-            np.testing.assert_array_equal(now[dst], old[src])
-            others = np.setdiff1d(np.arange(storage.config.num_blocks), dst)
-            np.testing.assert_array_equal(now[others], old[others])
-    storage.copy_blocks([], [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

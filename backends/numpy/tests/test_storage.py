@@ -40,16 +40,6 @@ def test_write_then_gather_is_bit_exact_across_shuffled_blocks(dtype):
     assert not storage.to_numpy(0)[0].any()  # other layers untouched
 
 
-def test_padding_slots_are_skipped():
-    storage = NumpyStorage(config())
-    k, v = random_kv(3)
-    storage.write(0, np.array([0, -1, 5]), k, v)
-    pool_k, _ = storage.to_numpy(0)
-    np.testing.assert_array_equal(pool_k[0, 0], k[0])
-    np.testing.assert_array_equal(pool_k[1, 1], k[2])
-    assert np.count_nonzero(pool_k.any(axis=(2, 3))) == 2
-
-
 def test_int8_write_keeps_per_block_head_error_bound_and_rescales():
     storage = NumpyStorage(config("int8"))
     small_k, small_v = random_kv(2, seed=1, scale=0.01)
