@@ -34,7 +34,7 @@ from .interfaces import (
 from .layers import CacheGroup, GroupLayout, LayerGroup
 from .manager.facade import PagedKvCacheManager
 from .manager.handle import PagedKvCacheHandle
-from .manager.hybrid import Admitted, HybridCacheManager
+from .manager.hybrid import Admitted, HybridCacheManager, HybridStats
 from .manager.hybrid_prefix import GroupHit, PrefixExplanation
 from .manager.multi_device import MultiDeviceManager
 from .manager.records import SeqState
@@ -75,7 +75,7 @@ __all__ = [
     "PagedKvCacheManager", "PagedKvCacheHandle", "SeqState", "MultiDeviceManager", "BlockPool", "BlockTable",
     "BatchMetadata", "CascadeLayout", "build_cascade",
     # hybrid models: layer groups
-    "LayerGroup", "CacheGroup", "GroupLayout", "HybridCacheManager", "HybridMetadata", "LayerStep", "Admitted",
+    "LayerGroup", "CacheGroup", "GroupLayout", "HybridCacheManager", "HybridMetadata", "LayerStep", "Admitted", "HybridStats",
     "PrefixExplanation", "GroupHit",
     # policies
     "LruPolicy", "LfuPolicy", "LongestFirstPolicy", "PriorityPolicy", "StreamingLLMPolicy", "SlidingWindowPolicy",

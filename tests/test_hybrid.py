@@ -345,3 +345,21 @@ def test_a_step_can_keep_what_its_queries_still_read():
     with pytest.raises(InvalidArgument):
         m.batch_metadata(["a"], [34])
     m.check_invariants()
+
+
+def test_stats_count_requests_not_groups():
+    m = _gemma_like(window=8)
+    prompt = tuple(range(18))  # the last block is partly filled: a fork shares it
+    m.allocate(AllocationRequest("a", token_ids=prompt))
+    m.allocate(AllocationRequest("b", token_ids=prompt))
+    child = m.fork("a")
+    m.append_slots(["a", child], [1, 2])  # the shared partly filled block is copied in each of 6 groups
+    stats = m.stats()
+    assert stats.sequences == 3 and stats.allocation_count == 2 and stats.forks == 1
+    assert stats.prefix_queries == 36 and stats.prefix_hits == 16 and stats.cache_hit_rate == 16 / 36
+    assert stats.cow_copies == 6 and m.counters["cow_copies"] == 6
+    assert stats.used_blocks == m.num_used_blocks == sum(stats.blocks_per_group)  # groups hold disjoint blocks
+    assert child == "a#fork1"
+    with pytest.raises(OutOfBlocks):
+        m.allocate(AllocationRequest("huge", initial_tokens=BS * 200))
+    assert m.stats().allocation_failures == 1

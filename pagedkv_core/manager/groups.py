@@ -46,12 +46,14 @@ class KvGroup:
     """One cache group: table rows, prefix namespace, admission and growth over the shared pool."""
 
     def __init__(self, cache_group: CacheGroup, config: CacheConfig, storage: BlockStorage, pool: BlockPool,
-                 null_block: int, counters: Counter[str], clock: Callable[[], float]) -> None:
+                 null_block: int, clock: Callable[[], float]) -> None:
         self.cache_group = cache_group
         self.spec: LayerGroup = cache_group.group
         self.pool = pool
         self.null_block = null_block
         self.block_size = config.block_size
+        self.counters: Counter[str] = Counter()  # this group's own: every group admits each request once
+        counters = self.counters
         self.sequences = SequenceTable(config.max_blocks_per_seq)
         prefix_config = group_prefix_config(config.prefix_cache, cache_group.index)
         self.prefix = PrefixIndex(pool, config.block_size, prefix_config)

@@ -35,7 +35,7 @@ from .hybrid_prefix import PrefixExplanation, explain, search
 from .prefix import AdmissionPlan
 from .records import Sequence
 
-__all__ = ["HybridCacheManager", "Admitted"]
+__all__ = ["HybridCacheManager", "Admitted", "HybridStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,27 @@ class Admitted:
     num_tokens: int
     cached_tokens: int
     state_slots: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HybridStats:
+    """A hybrid cache's state: blocks (the null block not counted) and per-request event counts."""
+
+    total_blocks: int
+    used_blocks: int
+    free_blocks: int
+    cached_blocks: int  # findable by prefix hash, every group's namespace together
+    sequences: int
+    blocks_per_group: tuple[int, ...]
+    state_slots_used: tuple[int, ...]
+    bytes_per_block: int
+    prefix_queries: int
+    prefix_hits: int
+    cache_hit_rate: float
+    allocation_count: int
+    allocation_failures: int
+    cow_copies: int
+    forks: int
 
 
 class HybridCacheManager:
@@ -62,10 +83,10 @@ class HybridCacheManager:
         self.storage = storage
         self.layout: GroupLayout = config.layout
         self.lock = threading.RLock()
-        self.counters: Counter[str] = Counter()
+        self.own_counts: Counter[str] = Counter()  # what only the coordinator sees: failures, forks
         self.pool = BlockPool(config.num_blocks, config.block_size, clock=clock)
         self.null_block = self.pool.allocate_one()  # held for good; never written, never handed out
-        self.groups = [KvGroup(g, config, storage, self.pool, self.null_block, self.counters, clock)
+        self.groups = [KvGroup(g, config, storage, self.pool, self.null_block, clock)
                        for g in self.layout.cache_groups]
         self.states = [StateSlots(g) for g in self.layout.state_groups]
 
@@ -109,6 +130,31 @@ class HybridCacheManager:
             if request_id not in slots.owner:
                 raise UnknownSequence(request_id)
             return slots.owner[request_id]
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Event counts, per request, not per group: admissions and prefix lookups as group 0 saw them (every
+        group sees the same), copy-on-write copies summed over the groups, failures and forks."""
+        first = self.groups[0].counters
+        merged: Counter[str] = Counter({k: first[k] for k in ("allocation_count", "prefix_queries", "prefix_hits")})
+        merged["cow_copies"] = sum(g.counters["cow_copies"] for g in self.groups)
+        merged.update(self.own_counts)
+        return merged
+
+    def stats(self) -> HybridStats:
+        """Blocks held per cache group, sequences, state slots and the counts of :attr:`counters`."""
+        with self.lock:
+            counts = self.counters
+            queries = counts["prefix_queries"]
+            return HybridStats(
+                total_blocks=self.config.num_blocks - 1, used_blocks=self.num_used_blocks,
+                free_blocks=self.pool.num_free, cached_blocks=len(self.pool.cached), sequences=len(self),
+                blocks_per_group=tuple(self.blocks_held(g) for g in range(len(self.groups))),
+                state_slots_used=tuple(s.capacity - s.num_free for s in self.states),
+                bytes_per_block=self.config.bytes_per_block, prefix_queries=queries,
+                prefix_hits=counts["prefix_hits"], cache_hit_rate=counts["prefix_hits"] / queries if queries else 0.0,
+                allocation_count=counts["allocation_count"], allocation_failures=counts["allocation_failures"],
+                cow_copies=counts["cow_copies"], forks=counts["forks"])
 
     @property
     def num_used_blocks(self) -> int:
@@ -158,7 +204,7 @@ class HybridCacheManager:
         with self.lock:
             plans, needed = self._plan(request)
             if needed > self.pool.num_free:
-                self.counters["allocation_failures"] += 1
+                self.own_counts["allocation_failures"] += 1
                 raise OutOfBlocks(needed, self.pool.num_free)
             for slots in self.states:
                 slots.check_free(1)
@@ -186,7 +232,7 @@ class HybridCacheManager:
         """
         with self.lock:
             srcs = [g.sequences.running(request_id) for g in self.groups]
-            new_id = new_request_id or f"{request_id}#fork{self.counters['forks'] + 1}"
+            new_id = new_request_id or f"{request_id}#fork{self.own_counts['forks'] + 1}"
             if new_id in self:
                 raise SequenceExists(new_id)
             for slots in self.states:
@@ -196,7 +242,7 @@ class HybridCacheManager:
                 seq.live_from = src.live_from
             for slots in self.states:
                 slots.take(new_id)
-            self.counters["forks"] += 1
+            self.own_counts["forks"] += 1
             return new_id
 
     # -- growth ----------------------------------------------------------------------
@@ -208,7 +254,7 @@ class HybridCacheManager:
         if any(planned for _, planned in drops):
             free += freed_by(drops, self.pool.ref)
         if needed > free:
-            self.counters["allocation_failures"] += 1
+            self.own_counts["allocation_failures"] += 1
             raise OutOfBlocks(needed, free)
         for group, planned in drops:
             for seq, upto in planned:
