@@ -17,7 +17,7 @@ import numpy as np
 
 from .attention import BatchIndex
 
-__all__ = ["DecodeTile", "DecodeGroup", "plan_decode_tiles"]
+__all__ = ["DecodeTile", "DecodeGroup", "plan_decode_tiles", "HiddenParts", "hidden_parts", "clear_hidden"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +86,41 @@ def _group(index: BatchIndex, rows: np.ndarray, t: np.ndarray, first: np.ndarray
             r1 = min(active, r0 + tile_rows)
             tiles.append(DecodeTile(r0, r1, c0, c1, np.ascontiguousarray(ids[r0:r1, c0:c1])))
     return DecodeGroup(rows, width, hidden, tuple(tiles))
+
+
+HiddenParts = tuple[np.ndarray, np.ndarray] | None
+"""Hidden parts of a gathered decode tile: ``(blocks, slots)``, flat indices of whole hidden blocks and of
+the hidden slots of partly hidden ones (``None``: nothing hidden)."""
+
+
+def hidden_parts(hidden: np.ndarray, block_size: int) -> HiddenParts:
+    """Where a tile's gathered K/V must be zeroed, from its ``hidden [rows, cols * block_size]`` mask.
+
+    A slot a row must not see may hold anything (NaN, Inf: another
+    sequence's or a previous owner's values); a score of ``-inf`` gives it
+    weight 0, but ``0 * NaN`` is still NaN, so its values must be gone
+    before the matmul. Whole hidden blocks (a short row's padding) come as
+    flat block indices and the hidden slots of partly hidden blocks (a last
+    block's unused tail, slots before a window or chunk) as flat slot
+    indices, so zeroing writes exactly the hidden bytes, each a contiguous
+    run: no pass over the tile. Planned once per step.
+    """
+    rows, slots = hidden.shape
+    per_block = hidden.reshape(rows, slots // block_size, block_size)
+    whole = np.logical_and.reduce(per_block, axis=2)
+    partial = np.logical_or.reduce(per_block, axis=2) & ~whole
+    if not whole.any() and not partial.any():
+        return None
+    return np.flatnonzero(whole.reshape(-1)), np.flatnonzero((per_block & partial[:, :, None]).reshape(-1))
+
+
+def clear_hidden(tile: np.ndarray, parts: HiddenParts, block_size: int) -> np.ndarray:
+    """Zero the hidden parts of a gathered host ``tile [rows, slots, heads, d]`` (contiguous scratch) in place."""
+    if parts is not None:
+        blocks, slots = parts
+        rows, n, h, d = tile.shape
+        if blocks.size:
+            tile.reshape(rows * n // block_size, block_size * h * d)[blocks] = 0
+        if slots.size:
+            tile.reshape(rows * n, h * d)[slots] = 0
+    return tile

@@ -48,6 +48,7 @@ import numpy as np
 
 from pagedkv_core.config import CacheConfig
 from pagedkv_core.contract.attention import AttentionParams
+from pagedkv_core.contract.tiles import HiddenParts, clear_hidden, hidden_parts
 
 from .arrays import bf16_bits_to_f32
 from .layout import BatchLayout, first_visible
@@ -136,40 +137,6 @@ class _Gather:
         return halves
 
 
-_Clear = tuple[np.ndarray, np.ndarray] | None
-"""Hidden parts of a gathered decode tile: ``(blocks, slots)``, flat indices of whole hidden blocks and of
-the hidden slots of partly hidden ones (``None``: nothing hidden)."""
-
-
-def _hidden_parts(hidden: np.ndarray, block_size: int) -> _Clear:
-    """Where a tile's gathered K/V must be zeroed, from its ``hidden [rows, cols * block_size]`` mask.
-
-    Whole hidden blocks (a short row's padding) come as flat block indices
-    and the hidden slots of partly hidden blocks (a last block's unused tail,
-    slots before a window or chunk) as flat slot indices, so zeroing writes
-    exactly the hidden bytes, each a contiguous run: no pass over the tile.
-    """
-    rows, slots = hidden.shape
-    per_block = hidden.reshape(rows, slots // block_size, block_size)
-    whole = np.logical_and.reduce(per_block, axis=2)
-    partial = np.logical_or.reduce(per_block, axis=2) & ~whole
-    if not whole.any() and not partial.any():
-        return None
-    return np.flatnonzero(whole.reshape(-1)), np.flatnonzero((per_block & partial[:, :, None]).reshape(-1))
-
-
-def _clear(tile: np.ndarray, parts: _Clear, block_size: int) -> np.ndarray:
-    """Zero the hidden parts of a gathered ``tile [rows, slots, heads, d]`` (contiguous scratch) in place."""
-    if parts is not None:
-        blocks, slots = parts
-        rows, n, h, d = tile.shape
-        if blocks.size:
-            tile.reshape(rows * n // block_size, block_size * h * d)[blocks] = 0
-        if slots.size:
-            tile.reshape(rows * n, h * d)[slots] = 0
-    return tile
-
-
 @dataclass(frozen=True, slots=True)
 class _DecodeGroup:
     """Rows ``g0:g1`` of the layout decoded together, their tiles and each tile's hidden parts.
@@ -182,7 +149,7 @@ class _DecodeGroup:
     g0: int
     g1: int
     tiles: tuple[tuple[int, int, int, int], ...]
-    clears: tuple[_Clear, ...]
+    clears: tuple[HiddenParts, ...]
 
 
 class HostKernel:
@@ -223,7 +190,7 @@ class HostKernel:
                 c1 = min(lay.width, c0 + tile_cols)
                 active = int(np.count_nonzero(nblocks > c0))  # rows are sorted: a prefix is active
                 tiles += [(r0, min(active, r0 + tile_rows), c0, c1) for r0 in range(0, active, tile_rows)]
-            clears = tuple(_hidden_parts(hidden[g0 + r0:g0 + r1, c0 * bs:c1 * bs], bs) for r0, r1, c0, c1 in tiles)
+            clears = tuple(hidden_parts(hidden[g0 + r0:g0 + r1, c0 * bs:c1 * bs], bs) for r0, r1, c0, c1 in tiles)
             groups.append(_DecodeGroup(g0, g1, tuple(tiles), clears))
         self._groups[num_q_heads] = groups
         return groups
@@ -271,7 +238,7 @@ class HostKernel:
         return denom
 
     def _tile(self, gather: _Gather, kv: tuple[np.ndarray, np.ndarray | None], ids: np.ndarray,
-              clear: _Clear) -> np.ndarray:
+              clear: HiddenParts) -> np.ndarray:
         """One gathered decode tile of K or V, hidden slots zeroed.
 
         ``[rows, slots, heads, d]`` float32; a split bfloat16 pool's come as
@@ -282,11 +249,11 @@ class HostKernel:
         if self._split:
             halves = gather.split(pool, ids)
             if clear is not None:
-                _clear(halves[0], clear, self.config.block_size)
-                _clear(halves[1], clear, self.config.block_size)
+                clear_hidden(halves[0], clear, self.config.block_size)
+                clear_hidden(halves[1], clear, self.config.block_size)
             return halves
         c = self.config
-        return _clear(gather(pool, scales, ids).reshape(ids.shape[0], -1, c.num_kv_heads, c.head_dim), clear,
+        return clear_hidden(gather(pool, scales, ids).reshape(ids.shape[0], -1, c.num_kv_heads, c.head_dim), clear,
                       c.block_size)
 
     def _decode(self, q: np.ndarray, mult: float, k: tuple, v: tuple, out: np.ndarray,

@@ -62,7 +62,7 @@ from pagedkv_core.contract.attention import (
     check_sinks,
 )
 from pagedkv_core.contract.cascade import check_cascade
-from pagedkv_core.contract.tiles import DecodeTile, plan_decode_tiles
+from pagedkv_core.contract.tiles import DecodeTile, HiddenParts, clear_hidden, hidden_parts, plan_decode_tiles
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument, ShapeMismatch
 
 from .storage import NumpyStorage
@@ -313,47 +313,6 @@ def attend_contiguous(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bo
 # -- the plan ------------------------------------------------------------------------------------
 
 
-_Clear = tuple[np.ndarray, np.ndarray] | None
-"""Hidden parts of a gathered decode tile: ``(blocks, slots)``, flat indices of whole hidden blocks and of
-the hidden slots of partly hidden ones (``None``: nothing hidden)."""
-
-
-def _hidden_parts(hidden: np.ndarray, block_size: int) -> _Clear:
-    """Where a tile's gathered K/V must be zeroed, from its ``hidden [rows, cols * block_size]`` mask.
-
-    Whole hidden blocks (a short row's padding) come as flat block indices
-    and the hidden slots of partly hidden blocks (a last block's unused tail,
-    slots before a window or chunk) as flat slot indices, so zeroing writes
-    exactly the hidden bytes, each a contiguous run: no pass over the tile.
-    """
-    rows, slots = hidden.shape
-    per_block = hidden.reshape(rows, slots // block_size, block_size)
-    whole = np.logical_and.reduce(per_block, axis=2)
-    partial = np.logical_or.reduce(per_block, axis=2) & ~whole
-    if not whole.any() and not partial.any():
-        return None
-    slot_ids = np.flatnonzero((per_block & partial[:, :, None]).reshape(-1))
-    return np.flatnonzero(whole.reshape(-1)), slot_ids
-
-
-def _clear(tile: np.ndarray, parts: _Clear, block_size: int) -> np.ndarray:
-    """Zero the hidden parts of a gathered ``tile [rows, slots, heads, d]`` (scratch, never a pool) in place.
-
-    A slot a row must not see may hold anything (NaN, Inf: another
-    sequence's or a previous owner's values); a score of ``-inf`` gives it
-    weight 0, but ``0 * NaN`` is still NaN, so its values must be gone
-    before the matmul.
-    """
-    if parts is not None:
-        blocks, slots = parts
-        rows, n, h, d = tile.shape
-        if blocks.size:
-            tile.reshape(rows * n // block_size, block_size * h * d)[blocks] = 0
-        if slots.size:
-            tile.reshape(rows * n, h * d)[slots] = 0
-    return tile
-
-
 @dataclass(frozen=True, slots=True)
 class _DecodeGroup:
     """Sequences decoded together; ``rows`` are their query rows, longest first.
@@ -361,14 +320,14 @@ class _DecodeGroup:
     ``hidden [rows, width * block_size]`` is True for key slots a query must
     not see (None when it sees them all). It covers the slots past a short
     sequence's blocks, which no tile writes. ``clears[i]``: the hidden slots
-    of ``tiles[i]``, zeroed in its gathered K and V (see :func:`_hidden_parts`).
+    of ``tiles[i]``, zeroed in its gathered K and V (see :func:`~pagedkv_core.contract.tiles.hidden_parts`).
     """
 
     rows: np.ndarray
     width: int
     hidden: np.ndarray | None
     tiles: tuple[DecodeTile, ...]
-    clears: tuple[_Clear, ...]
+    clears: tuple[HiddenParts, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +387,7 @@ class NumpyPlan:
             hidden = g.hidden
             if lead is not None:
                 hidden = hidden | (np.arange(g.width * bs)[None, :] < lead[g.rows][:, None])
-            clears = tuple(_hidden_parts(hidden[t.r0:t.r1, t.c0 * bs:t.c1 * bs], bs) for t in g.tiles)
+            clears = tuple(hidden_parts(hidden[t.r0:t.r1, t.c0 * bs:t.c1 * bs], bs) for t in g.tiles)
             groups.append(_DecodeGroup(self.index.query_start_loc[g.rows], g.width,
                                        hidden if hidden.any() else None, g.tiles, clears))
         self._gather = _Gather(self.storage, self.cdtype,
@@ -538,7 +497,7 @@ class NumpyPlan:
             qg = np.multiply(q[g.rows], mult, dtype=self.cdtype).reshape(rows, h, group, d)
             s = scores[:rows * num_q_heads * slots].reshape(rows, h, group, slots)
             for tile, clear in zip(g.tiles, g.clears):
-                keys = _clear(self._gather(k[0], k[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
+                keys = clear_hidden(self._gather(k[0], k[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
                 np.matmul(qg[tile.r0:tile.r1], keys.transpose(0, 2, 3, 1),
                           out=s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs])
             if cap is not None:
@@ -557,7 +516,7 @@ class NumpyPlan:
             acc = np.empty((rows, h, group, d), self.cdtype)
             part = np.empty_like(acc)
             for tile, clear in zip(g.tiles, g.clears):
-                values = _clear(self._gather(v[0], v[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
+                values = clear_hidden(self._gather(v[0], v[1], tile.ids).reshape(tile.r1 - tile.r0, -1, h, d), clear, bs)
                 target = acc[tile.r0:tile.r1] if tile.c0 == 0 else part[tile.r0:tile.r1]
                 np.matmul(s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values.transpose(0, 2, 1, 3),
                           out=target)
