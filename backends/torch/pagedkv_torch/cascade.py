@@ -295,12 +295,6 @@ class _OwnLevel(TorchDecodePlan):
                  batch_rows: torch.Tensor, positions: torch.Tensor) -> None:
         super().__init__(storage, index, params, tile_bytes)
         self.batch_rows, self.positions = batch_rows, positions
-        bs = self.block_size
-        self.clears: list[tuple[torch.Tensor | None, ...]] = []  # per group, per tile: hidden slots (flat), or None
-        for g in self.groups:
-            hidden = g.hidden.cpu().numpy()
-            flat = [np.flatnonzero(hidden[t.r0:t.r1, t.c0 * bs:t.c1 * bs]) for t in g.tiles]
-            self.clears.append(tuple(_ids(f, self.device) if f.size else None for f in flat))
 
     def state(self, q: torch.Tensor, layer: int, num_q_heads: int) -> tuple[torch.Tensor, ...]:
         """``(acc [rows, kv, group, dim], max, sum [rows, kv, group])`` of ``q [rows, num_q_heads, dim]``."""
@@ -310,33 +304,8 @@ class _OwnLevel(TorchDecodePlan):
         top = torch.empty(q.shape[0], kv, group, dtype=torch.float32, device=self.device)
         total = torch.empty_like(top)
         pools, scales = self.storage.pools(layer), self.storage.scales(layer)
-        for g, clears in zip(self.groups, self.clears):
-            a, m, s_sum = self._group_state(g, clears, q, num_q_heads, pools, scales)
-            acc[g.rows], top[g.rows], total[g.rows] = a, m, s_sum
+        for g in self.groups:
+            a, m, s_sum = self.group_state(g, q, num_q_heads, pools, scales)
+            acc[g.rows], top[g.rows], total[g.rows] = a, m[..., 0], s_sum[..., 0]
         return acc, top, total
 
-    def _group_state(self, g: Any, clears: tuple[torch.Tensor | None, ...], q: torch.Tensor, num_q_heads: int,
-                     pools: tuple[torch.Tensor, torch.Tensor],
-                     scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-        """One group of rows: a K pass, one softmax, a V pass (``TorchDecodePlan._run_group`` without the division)."""
-        kv, dim, bs = self.num_kv_heads, self.head_dim, self.block_size
-        group, rows, slots = num_q_heads // kv, g.rows.numel(), g.width * bs
-        qg = (q.index_select(0, g.rows).float() * self.params.scale).view(rows, kv, group, dim)
-        s = torch.empty(rows, kv, group, slots, dtype=torch.float32, device=self.device)
-        for tile in g.tiles:
-            keys = self._tile(pools[0], None if scales is None else scales[0], tile)
-            self._scores(s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], qg[tile.r0:tile.r1], keys)
-        if self.params.soft_cap is not None:
-            cap = self.params.soft_cap
-            s.div_(cap).tanh_().mul_(cap)
-        s.masked_fill_(g.hidden[:, None, None, :], float("-inf"))
-        top = s.amax(dim=-1)  # finite: every row here sees at least one slot
-        s.sub_(top[..., None]).exp_()
-        total = s.sum(dim=-1)
-        acc = torch.zeros(rows, kv, group, dim, dtype=torch.float32, device=self.device)
-        for tile, clear in zip(g.tiles, clears):
-            values = self._tile(pools[1], None if scales is None else scales[1], tile)
-            if clear is not None:  # a gathered copy, never the pool
-                values.view(-1, kv * dim).index_fill_(0, clear, 0.0)
-            self._accumulate(acc[tile.r0:tile.r1], s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values)
-        return acc, top, total

@@ -151,6 +151,13 @@ class TorchDecodePlan(TorchPlanBase):
 
     def _run_group(self, g: _Group, q: torch.Tensor, num_q_heads: int, pools, scales,
                    sink: torch.Tensor | None) -> torch.Tensor:
+        acc, _, total = self.group_state(g, q, num_q_heads, pools, scales, sink)
+        return (acc / total).view(g.rows.numel(), num_q_heads, self.head_dim)
+
+    def group_state(self, g: _Group, q: torch.Tensor, num_q_heads: int, pools, scales,
+                    sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One group's softmax state: ``acc [rows, kv, group, dim]`` (weighted values, not divided), its ``max``
+        and ``sum [rows, kv, group, 1]``; a cascade plan merges it with another level's by log-sum-exp."""
         kv, dim, bs = self.num_kv_heads, self.head_dim, self.block_size
         group, rows, slots = num_q_heads // kv, g.rows.numel(), g.width * bs
         qg = (q.index_select(0, g.rows).float() * self.params.scale).view(rows, kv, group, dim)
@@ -175,7 +182,7 @@ class TorchDecodePlan(TorchPlanBase):
             if tile.hidden is not None:  # a hidden slot may hold NaN/Inf from another owner: 0 * NaN = NaN
                 values.masked_fill_(tile.hidden, 0)
             self._accumulate(acc[tile.r0:tile.r1], s[tile.r0:tile.r1, :, :, tile.c0 * bs:tile.c1 * bs], values)
-        return (acc / total).view(rows, num_q_heads, dim)
+        return acc, top, total
 
     def _tile(self, pool: torch.Tensor, scales: torch.Tensor | None, tile: _Tile) -> torch.Tensor:
         """The tile's blocks as float32 ``[rows, cols * block_size, kv_heads, dim]`` (a reused buffer)."""
