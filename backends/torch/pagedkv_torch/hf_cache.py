@@ -20,7 +20,9 @@ that returns ``[batch, kv_heads, length, head_dim]`` — the same sizes
 ``DynamicCache`` returns, so the masks transformers builds from
 ``get_mask_sizes`` line up. Sliding-window and chunked layers return the last
 ``window - 1 + new`` positions (a chunk's size is the window), as
-``DynamicSlidingWindowLayer`` does.
+``DynamicSlidingWindowLayer`` does. When the model attends with the
+``"pagedkv"`` implementation (:mod:`.hf_attention`), ``update`` skips the
+gather and returns the new K/V only: the attention reads the pool itself.
 
 Released blocks. In a hybrid cache, a sliding or chunked group releases the
 blocks no future query of a row can read before each step reserves new
@@ -85,6 +87,7 @@ from pagedkv_core.errors import InvalidArgument, ShapeMismatch, UnsupportedOpera
 from pagedkv_core.manager.facade import PagedKvCacheManager
 from pagedkv_core.manager.hybrid import HybridCacheManager
 
+from .hf_attention import defer, paged_attention_active
 from .hf_batch import RowBatch
 from .hf_compat import load_cache_utils
 from .hf_layers import HfCacheStats, PagedLayer, layer_groups, layer_specs, layer_windows
@@ -120,13 +123,18 @@ class PagedCache(_cache_utils.Cache):
             raise UnsupportedOperation(f"PagedCache needs a manager over the torch backend's storage, "
                                        f"got {type(storage).__name__}")
         layout = rows.layout
-        windows = layer_windows_of(layout, None if config is None else layer_specs(config), rows.drops_blocks)
+        specs = None if config is None else layer_specs(config)
+        windows = layer_windows_of(layout, specs, rows.drops_blocks)
         super().__init__(layers=[PagedLayer(self, i, w) for i, w in enumerate(windows)])
         self.manager = manager
         self.storage = storage
         self._rows = rows
         where = [layout.locate(layer) for layer in range(layout.num_layers)]
         self._group_of = [group.index for group, _ in where]
+        # the "pagedkv" attention implementation (.hf_attention): read from the model's config at every update
+        self._text_config = None if config is None else config.get_text_config(decoder=True)
+        self._chunked = ([kind == "chunked_local" for kind, _ in specs] if specs is not None
+                         else [group.kind == "chunked_local" for group, _ in where])
         self._pools = LayerPools(storage, None if config is None else layer_kv_shapes(config),
                                  [slot for _, slot in where])
         self._batch = RowBatch(rows, f"hf{next(_CACHE_IDS)}")
@@ -255,7 +263,11 @@ class PagedCache(_cache_utils.Cache):
         self._pools.write(layer_idx, key_states, value_states, plan)
         self._fresh = False
         kv_start = self.layers[layer_idx].kv_start(start)
-        keys, values = self._pools.gather(layer_idx, plan, kv_start, key_states.dtype)
+        if self._verify or not paged_attention_active(self._text_config):
+            keys, values = self._pools.gather(layer_idx, plan, kv_start, key_states.dtype)
+        else:  # the attention reads the pool itself (.hf_attention)
+            keys, values = key_states, value_states
+            defer(self, layer_idx, key_states)
         if self._verify:
             self._verify = False
             self._check_shared(key_states, keys, plan, kv_start)
@@ -329,6 +341,33 @@ class PagedCache(_cache_utils.Cache):
                 "prefix sharing needs position ids that count from each row's first attended token "
                 "(generate() does this; in a manual loop pass position_ids=attention_mask.cumsum(-1) - 1, "
                 "clamped at 0), and one model per manager. The rows were released.")
+
+    # -- what the "pagedkv" attention reads (.hf_attention) -----------------------------------
+
+    def layer_step(self, layer_idx: int) -> tuple[StepPlan, int]:
+        """The plan of the step under way for ``layer_idx``'s cache group, and the group's index."""
+        group = self._group_of[layer_idx]
+        plan = self._plans[group]
+        if plan is None or plan.span != self._span:
+            raise InvalidArgument(f"layer {layer_idx} has no step under way to attend over")
+        return plan, group
+
+    def gather_layer(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``update`` returns without the "pagedkv" attention: the K/V ``layer_idx`` attends to this step."""
+        plan, _ = self.layer_step(layer_idx)
+        return self._pools.gather(layer_idx, plan, self.layers[layer_idx].kv_start(plan.start), dtype)
+
+    def storage_layer(self, layer_idx: int) -> int:
+        """Where ``layer_idx`` lives in the storage (its slot in its cache group)."""
+        return self._pools.storage_layers[layer_idx]
+
+    def layer_packed(self, layer_idx: int) -> bool:
+        """Whether ``layer_idx``'s K/V shape differs from the pool's (packed, see :mod:`.hf_pool`)."""
+        return self._pools.shapes[layer_idx] != self._pools.pool
+
+    def layer_chunked(self, layer_idx: int) -> bool:
+        """Whether ``layer_idx`` is a chunked-attention layer."""
+        return self._chunked[layer_idx]
 
     # -- sequence-level operations ----------------------------------------------------------
 

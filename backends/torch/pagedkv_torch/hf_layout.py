@@ -40,9 +40,12 @@ class StepPlan:
       padding, and tokens whose block a sliding or chunked group released; None when there is none.
     * ``shared``: ``(row, lo, hi)`` padded ranges inside the step that are not written because
       the row shares those blocks (prefix-cache hits, forks); they are read back instead.
+    * ``block_tables`` (int ``[batch, max_blocks]``, host) and ``lead`` (int64 ``[batch]``, host): the
+      rows' tables and leading padding the plan was made from (what a paged attention kernel reads).
     """
 
-    __slots__ = ("lo", "start", "end", "write_slots", "write_rows", "gather_slots", "pad_mask", "shared")
+    __slots__ = ("lo", "start", "end", "write_slots", "write_rows", "gather_slots", "pad_mask", "shared",
+                 "block_tables", "lead")
 
     def __init__(self, lo: int, start: int, end: int, write_slots: np.ndarray, write_rows: torch.Tensor | None,
                  gather_slots: torch.Tensor, pad_mask: torch.Tensor | None,
@@ -55,6 +58,8 @@ class StepPlan:
         self.gather_slots = gather_slots
         self.pad_mask = pad_mask
         self.shared = shared
+        self.block_tables: np.ndarray | None = None
+        self.lead: np.ndarray | None = None
 
     @property
     def span(self) -> tuple[int, int]:
@@ -104,8 +109,10 @@ def plan_step(block_tables: np.ndarray, seq_lens: np.ndarray, lead: np.ndarray, 
         last = min(end, int(lead[row] + skip[row]))
         shared.append((int(row), first, last))
     pad_mask = torch.from_numpy(hidden).to(device) if hidden.any() else None
-    return StepPlan(lo, start, end, write[keep], write_rows, index_tensor(np.where(hidden, 0, slots), device),
+    plan = StepPlan(lo, start, end, write[keep], write_rows, index_tensor(np.where(hidden, 0, slots), device),
                     pad_mask, shared)
+    plan.block_tables, plan.lead = block_tables, lead.copy()
+    return plan
 
 
 def host_2d(x: Any, name: str) -> np.ndarray:
