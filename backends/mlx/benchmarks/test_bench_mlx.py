@@ -35,6 +35,24 @@ def _median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def _interleaved(benchmark, group: str, runs: dict) -> dict[str, list[float]]:
+    """Every run once per round, in turn (after one warm-up round), so a ratio of medians sees the same noise."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+
+    def each() -> None:
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    each()  # warm-up, not recorded
+    for samples in times.values():
+        samples.clear()
+    benchmark.group = group
+    benchmark.pedantic(each, rounds=ROUNDS)
+    return times
+
+
 @pytest.fixture(scope="module")
 def decode_batch():
     """The issue's decode batch on the cpu device: storage, tables, q, and the same K/V laid out contiguously."""
@@ -91,19 +109,7 @@ def test_decode_paged_vs_contiguous(benchmark, decode_batch):
                                np.array(mx.fast.scaled_dot_product_attention(
                                    q.reshape(BATCH, Q_HEADS, 1, HEAD_DIM), k, v, scale=HEAD_DIM ** -0.5)
                                    ).reshape(BATCH, Q_HEADS, HEAD_DIM), atol=1e-5)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-
-    def both() -> None:
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-
-    both()  # warm-up, not recorded
-    for samples in times.values():
-        samples.clear()
-    benchmark.group = "decode ratio"
-    benchmark.pedantic(both, rounds=ROUNDS)
+    times = _interleaved(benchmark, "decode ratio", runs)
     ratio = statistics.median(times["paged"]) / statistics.median(times["contiguous"])
     benchmark.extra_info.update({name: round(_median_ms(s), 2) for name, s in times.items()})
     benchmark.extra_info["ratio"] = round(ratio, 3)
@@ -140,19 +146,7 @@ def test_decode_bfloat16_vs_float32(benchmark):
     while catching a return of the 2x.
     """
     runs = {dtype: _paged(*_dtype_batch(dtype), "host") for dtype in ("float32", "bfloat16")}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-
-    def both() -> None:
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-
-    both()  # warm-up, not recorded
-    for samples in times.values():
-        samples.clear()
-    benchmark.group = "decode bf16 ratio"
-    benchmark.pedantic(both, rounds=ROUNDS)
+    times = _interleaved(benchmark, "decode bf16 ratio", runs)
     ratio = statistics.median(times["bfloat16"]) / statistics.median(times["float32"])
     benchmark.extra_info.update({name: round(_median_ms(s), 2) for name, s in times.items()})
     benchmark.extra_info["ratio"] = round(ratio, 3)

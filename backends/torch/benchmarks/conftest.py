@@ -8,9 +8,50 @@ STREAM convention); a kernel's rate counts the K/V bytes it must read.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
+import torch
 
 _RESULTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: a second one competing with the machine's other work only adds noise on 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _paired(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Time every function once per round, rotating which goes first (after one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@pytest.fixture
+def paired_session() -> Callable[..., dict[str, list[float]]]:
+    """``paired_session(benchmark, group, fns, rounds)``: paired rounds run once under pytest-benchmark (so
+    ``--benchmark-only`` keeps them); returns each function's timings, round by round."""
+
+    def run(benchmark, group: str, fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {}
+        benchmark.group = group
+        benchmark.pedantic(lambda: times.update(_paired(fns, rounds)), rounds=1, iterations=1)
+        return times
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ Run: ``python -m pytest backends/torch/benchmarks/test_bench_cascade.py -m bench
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import pytest
@@ -43,13 +42,6 @@ BATCH, PROMPT, OWN = 32, 2048, 128
 ROUNDS = 9
 GOAL = 4.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Case:
@@ -79,28 +71,12 @@ class Case:
         self.cascade = attention.plan(self.storage, self.tables, self.seq_lens, cascade=self.layout)
 
 
-def _paired(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Time every function once per round, rotating which goes first (after one warm-up call each)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _compare(benchmark, case: Case, label: str, tol: float) -> dict:
+def _compare(benchmark, paired_session, case: Case, label: str, tol: float) -> dict:
     """Check the cascade output against the ordinary one, then time both round by round; record the figures."""
     err = (case.cascade.run(case.q, 0).float() - case.ordinary.run(case.q, 0).float()).abs().max().item()
     assert err <= tol, f"cascade output differs from the ordinary plan's by {err}"
-    times: dict[str, list[float]] = {}
-    benchmark.group = f"cascade {label}"
     fns = {"ordinary": lambda: case.ordinary.run(case.q, 0), "cascade": lambda: case.cascade.run(case.q, 0)}
-    benchmark.pedantic(lambda: times.update(_paired(fns, ROUNDS)), rounds=1, iterations=1)
+    times = paired_session(benchmark, f"cascade {label}", fns, ROUNDS)
     ratios = [o / c for o, c in zip(times["ordinary"], times["cascade"])]
     figures = {
         "speedup": statistics.median(ratios),
@@ -122,11 +98,11 @@ def _compare(benchmark, case: Case, label: str, tol: float) -> dict:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cascade_shared_prompt(benchmark, dtype):
+def test_cascade_shared_prompt(benchmark, dtype, paired_session):
     """32 sequences sharing a 2,048-token prompt: the prompt is read once per layer instead of 32 times."""
     case = Case(dtype, shared=True)
     assert case.layout.num_groups == 1 and isinstance(case.cascade, TorchCascadePlan)
-    figures = _compare(benchmark, case, f"shared prompt {dtype}", 1e-4 if dtype == "float32" else 2e-2)
+    figures = _compare(benchmark, paired_session, case, f"shared prompt {dtype}", 1e-4 if dtype == "float32" else 2e-2)
     print(f"cascade shared prompt {dtype}: goal >= {GOAL:.0f}x: "
           f"{'met' if figures['speedup'] >= GOAL else 'NOT met'} in this run")
     # the goal is reported, not asserted (it moves with the machine's load); reading once must at least win
@@ -134,9 +110,9 @@ def test_cascade_shared_prompt(benchmark, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cascade_without_sharing(benchmark, dtype):
+def test_cascade_without_sharing(benchmark, dtype, paired_session):
     """The same shape with nothing shared: no group, so cascade is the ordinary plan and costs the same."""
     case = Case(dtype, shared=False)
     assert case.layout.num_groups == 0 and type(case.cascade) is type(case.ordinary)
-    figures = _compare(benchmark, case, f"no sharing {dtype}", 0.0)
+    figures = _compare(benchmark, paired_session, case, f"no sharing {dtype}", 0.0)
     assert figures["speedup"] > 0.8, "cascade decode slower than the ordinary plan without sharing"

@@ -41,13 +41,6 @@ ROUNDS = 3
 MODES = ("pagedkv", "gather", "dynamic")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class _Clock(transformers.LogitsProcessor):
     """Notes when the first logits (those of the prefill) arrive."""

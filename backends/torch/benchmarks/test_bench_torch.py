@@ -21,7 +21,6 @@ Run: ``pytest backends/torch/benchmarks -m benchmark --benchmark-only -s``.
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import pytest
@@ -41,13 +40,6 @@ COPY_BYTES = 256 << 20  # far beyond the last-level cache
 ROUNDS = 9
 F = torch.nn.functional
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Case:
@@ -139,33 +131,11 @@ def test_decode_paged(benchmark, decode_cases, torch_bench_results, dtype, kerne
     _record(benchmark, torch_bench_results, f"decode {dtype} {kernel}", kv_bytes=case.kv_bytes, device="cpu")
 
 
-def _paired(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Time every function once per round, rotating which goes first."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def _session(benchmark, group: str, fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Run ``_paired`` once under pytest-benchmark (so ``--benchmark-only`` keeps it), return its timings."""
-    times: dict[str, list[float]] = {}
-    benchmark.group = group
-    benchmark.pedantic(lambda: times.update(_paired(fns, rounds)), rounds=1, iterations=1)
-    return times
-
-
-def test_decode_paired(benchmark, decode_cases, torch_bench_results):
+def test_decode_paired(benchmark, decode_cases, torch_bench_results, paired_session):
     """Paged vs SDPA in both dtypes, and bfloat16 vs float32 paged, round by round (each kernel)."""
     fns, kernels = {}, set()
     for dtype, case in decode_cases.items():
@@ -173,7 +143,7 @@ def test_decode_paired(benchmark, decode_cases, torch_bench_results):
             fns[f"{dtype} {kernel}"] = (lambda p, q: lambda: p.run(q, 0))(plan, case.q)
             kernels.add(kernel)
         fns[f"{dtype} sdpa"] = case.sdpa()
-    t = _session(benchmark, "paired decode session", fns, 2 * ROUNDS)
+    t = paired_session(benchmark, "paired decode session", fns, 2 * ROUNDS)
     for kernel in sorted(kernels):
         suffix = "" if kernel == "paged" else f" ({kernel.removeprefix('paged ')})"
         for dtype in decode_cases:
@@ -210,8 +180,8 @@ def test_prefill_paged(benchmark, prefill_case, torch_bench_results):
     _record(benchmark, torch_bench_results, "prefill float32 paged")
 
 
-def test_prefill_paired(benchmark, prefill_case, torch_bench_results):
-    t = _session(benchmark, "paired prefill session", {"paged": _prefill_call(prefill_case),
+def test_prefill_paired(benchmark, prefill_case, torch_bench_results, paired_session):
+    t = paired_session(benchmark, "paired prefill session", {"paged": _prefill_call(prefill_case),
                                                        "sdpa": prefill_case.sdpa()}, 4)
     ratio = _median_ratio(t["paged"], t["sdpa"])
     torch_bench_results["prefill float32 paired"] = {"ratio": ratio}

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from test_torch_hf_cache import assert_same_generation, generate, prompts  # noqa: E402
+from torch_helpers import verify_steps  # noqa: E402
 
 from pagedkv_core.config import CacheConfig  # noqa: E402
 from pagedkv_core.errors import InvalidArgument, PagedKvError  # noqa: E402
@@ -180,15 +181,7 @@ def test_crop_rolls_back_the_last_step_and_refuses_released_positions():
     caches = [DynamicCache(config=model.config), paged(model)]
     caches[0].activate_past_recording()  # lets transformers' sliding layers crop past their window
     caches[1].begin(ids)
-    logits = []
-    with torch.no_grad():
-        for cache in caches:
-            first = model(input_ids=torch.cat([ids, drafts], 1), past_key_values=cache).logits
-            cache.crop(-1)
-            again = model(input_ids=torch.tensor([[9, 10, 11]]), past_key_values=cache).logits
-            cache.crop(-2)
-            last = model(input_ids=torch.tensor([[12, 13]]), past_key_values=cache).logits
-            logits.append((first, again, last))
+    logits = verify_steps(model, caches, ids, drafts)
     for ours, theirs in zip(logits[1], logits[0], strict=True):
         torch.testing.assert_close(ours, theirs)
     cache = caches[1]

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from test_torch_hf_cache import COMMON, assert_same_generation, paged, tiny  # noqa: E402
+from torch_helpers import verify_steps  # noqa: E402
 
 from pagedkv_core.errors import InvalidArgument  # noqa: E402
 
@@ -138,16 +139,8 @@ def test_verify_steps_by_hand(kind):
     caches = [transformers.DynamicCache(config=model.config), paged(model)]
     caches[0].activate_past_recording()  # lets a sliding DynamicCache layer crop past its window
     caches[1].begin(ids)
-    logits = []
-    with torch.no_grad():
-        for cache in caches:
-            first = model(input_ids=torch.cat([ids, drafts], 1), past_key_values=cache).logits
-            cache.crop(-1)
-            again = model(input_ids=torch.tensor([[9, 10, 11]]), past_key_values=cache).logits
-            cache.crop(-2)
-            last = model(input_ids=torch.tensor([[12, 13]]), past_key_values=cache).logits
-            logits.append((first, again, last))
-            assert cache.get_seq_length() == 20 + 2 - 1 + 3 - 2 + 2
+    logits = verify_steps(model, caches, ids, drafts)
+    assert all(cache.get_seq_length() == 20 + 2 - 1 + 3 - 2 + 2 for cache in caches)
     for ours, theirs in zip(logits[1], logits[0], strict=True):
         torch.testing.assert_close(ours, theirs)
     paged_cache = caches[1]

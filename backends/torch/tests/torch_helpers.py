@@ -96,3 +96,21 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str, what: str
         i = np.unravel_index(np.argmax(err - rtol * np.abs(expected)), err.shape)
         raise AssertionError(f"{what}: {int(bad.sum())} of {err.size} values off (dtype {dtype}); "
                              f"worst at {i}: got {actual[i]}, expected {expected[i]}, max abs err {err.max():.3g}")
+
+
+def verify_steps(model, caches, ids, drafts) -> list[tuple]:
+    """Speculative verify steps by hand on each cache: the prompt and ``drafts`` at once, crop one, three
+    positions again, crop two, two more. Returns each cache's logits of the three forwards (the caller compares);
+    ``caches[0]``, if a ``DynamicCache``, must have past recording on to crop past a sliding window."""
+    import torch
+
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            first = model(input_ids=torch.cat([ids, drafts], 1), past_key_values=cache).logits
+            cache.crop(-1)
+            again = model(input_ids=torch.tensor([[9, 10, 11]]), past_key_values=cache).logits
+            cache.crop(-2)
+            last = model(input_ids=torch.tensor([[12, 13]]), past_key_values=cache).logits
+            logits.append((first, again, last))
+    return logits
