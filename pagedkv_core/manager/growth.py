@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from itertools import repeat
 
 import numpy as np
 
@@ -57,14 +58,14 @@ class Growth:
         """Commit a decode step whose batch :meth:`append_need` validated and whose blocks are free."""
         pool, ref, bs = self.pool, self.pool.ref, self.block_size
         tables, now, hash_full = self.sequences.tables, self.clock(), self.prefix.hash_full_blocks
-        allocate_one, append_to_row, feed = pool.allocate_one, tables.append, token_ids is not None
-        count = len(seqs)
-        slots = [0] * count
-        row_list = [0] * count
+        allocate_one, append_to_row = pool.allocate_one, tables.append
+        slots: list[int] = []
+        row_list: list[int] = []
+        add_slot, add_row = slots.append, row_list.append
         cow_src: list[int] = []
         cow_dst: list[int] = []
-        for i, seq in enumerate(seqs):
-            n, blocks, row = seq.num_tokens, seq.blocks, seq.row
+        for seq, token in zip(seqs, repeat(None) if token_ids is None else token_ids):
+            n, blocks = seq.num_tokens, seq.blocks
             offset = n % bs
             if offset:
                 block = blocks[-1]
@@ -74,24 +75,24 @@ class Growth:
                     block = allocate_one()
                     cow_dst.append(block)
                     blocks[-1] = block
-                    tables.tables[row, len(blocks) - 1] = block
+                    tables.tables[seq.row, len(blocks) - 1] = block
             else:
                 block = allocate_one()
-                append_to_row(row, len(blocks), block)
+                append_to_row(seq.row, len(blocks), block)
                 blocks.append(block)
-            slots[i] = block * bs + offset
-            row_list[i] = row
+            add_slot(block * bs + offset)
+            add_row(seq.row)
             seq.num_tokens = n + 1
             seq.last_access = now
             seq.access_count += 1
             tokens = seq.token_ids
             if tokens is not None:
-                if feed:
-                    tokens.append(token_ids[i])  # type: ignore[index]
+                if token is None:  # ids unknown: this sequence stops feeding the prefix cache
+                    seq.token_ids = seq.root = None
+                else:
+                    tokens.append(token)
                     if offset == bs - 1:
                         hash_full(seq)
-                else:  # ids unknown: this sequence stops feeding the prefix cache
-                    seq.token_ids = seq.root = None
         rows = np.array(row_list, np.int64)
         tables.lens[rows] += 1
         if cow_src:
