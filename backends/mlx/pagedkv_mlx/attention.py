@@ -23,7 +23,7 @@ float32 host logits).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +37,7 @@ from pagedkv_core.contract.attention import (
     check_query,
     check_sinks,
 )
+from pagedkv_core.contract.cascade import check_cascade
 from pagedkv_core.errors import DeviceMismatch, DTypeMismatch, InvalidArgument
 
 from .arrays import FLOAT_MX, bf16_bits_to_f32, dtype_name, host_view
@@ -45,13 +46,18 @@ from .kernel_mlx import GraphKernel
 from .layout import BatchLayout
 from .storage import MlxStorage
 
-__all__ = ["MlxAttention", "MlxPlan", "KernelName"]
+if TYPE_CHECKING:
+    from pagedkv_core.blocks.cascade import CascadeLayout
+
+    from .cascade import MlxCascadePlan
+
+__all__ = ["MlxAttention", "MlxPlan", "KernelName", "check_mlx_query", "host_float32", "host_sinks"]
 
 Array = Any  # mx.array
 KernelName = Literal["auto", "host", "mlx"]
 
 
-def _host_float32(q: Array) -> np.ndarray:
+def host_float32(q: Array) -> np.ndarray:
     """``q`` (MLX float) as a float32 NumPy array: a view for float32, else a converted copy."""
     view = host_view(q)
     if q.dtype == mx.bfloat16:
@@ -59,7 +65,7 @@ def _host_float32(q: Array) -> np.ndarray:
     return view.astype(np.float32, copy=False)
 
 
-def _host_sinks(sinks: Any, num_q_heads: int) -> np.ndarray:
+def host_sinks(sinks: Any, num_q_heads: int) -> np.ndarray:
     """Validate a layer's sink logits and return them as float32 NumPy ``[num_q_heads]``.
 
     Takes an ``mx.array`` or a host ``numpy.ndarray`` of any float dtype
@@ -88,6 +94,17 @@ def _host_sinks(sinks: Any, num_q_heads: int) -> np.ndarray:
     return logits
 
 
+def check_mlx_query(storage: MlxStorage, index: BatchIndex, q: Any) -> int:
+    """``q``'s number of query heads, after refusing a query of the wrong type, dtype or shape."""
+    if not isinstance(q, mx.array):
+        raise DeviceMismatch(f"mlx attention needs q as an mx.array, got {type(q).__name__}")
+    allowed = FLOAT_MX if storage.quantized else (storage.mx_dtype,)
+    if q.dtype not in allowed:
+        names = " or ".join(dtype_name(a) for a in allowed)
+        raise DTypeMismatch(f"q must be {names} for a {storage.config.dtype} pool, got {dtype_name(q.dtype)}")
+    return check_query(tuple(q.shape), index, storage.config)
+
+
 class MlxPlan:
     """A validated batch with its layout and kernel, reused by every layer of the step.
 
@@ -105,16 +122,6 @@ class MlxPlan:
         elif self.layout.rows:
             self.kernel = GraphKernel(self.layout, storage.config, params, cpu=storage.device == "cpu")
 
-    def _check_q(self, q: Any) -> int:
-        if not isinstance(q, mx.array):
-            raise DeviceMismatch(f"mlx attention needs q as an mx.array, got {type(q).__name__}")
-        storage = self.storage
-        allowed = FLOAT_MX if storage.quantized else (storage.mx_dtype,)
-        if q.dtype not in allowed:
-            names = " or ".join(dtype_name(a) for a in allowed)
-            raise DTypeMismatch(f"q must be {names} for a {storage.config.dtype} pool, got {dtype_name(q.dtype)}")
-        return check_query(tuple(q.shape), self.index, storage.config)
-
     def run(self, q: Array, layer: int, *, sinks: Array | np.ndarray | None = None) -> Array:
         """Attention of ``q [num_queries, num_q_heads, head_dim]`` (mx.array) over ``layer``.
 
@@ -124,9 +131,9 @@ class MlxPlan:
         array of any float dtype, or ``None``. The ``host`` kernel returns an
         evaluated array, the ``mlx`` kernel a lazy one.
         """
-        num_q_heads = self._check_q(q)
+        num_q_heads = check_mlx_query(self.storage, self.index, q)
         layer = self.storage.checks.layer(layer)
-        sink = None if sinks is None else _host_sinks(sinks, num_q_heads)
+        sink = None if sinks is None else host_sinks(sinks, num_q_heads)
         if self.kernel is None:
             return mx.zeros(q.shape, q.dtype)
         storage = self.storage
@@ -136,7 +143,7 @@ class MlxPlan:
                 return self.kernel.run(q, (storage.k, storage.v), scales, layer, sink)
         k, v, ks, vs = storage.host_views()  # views: dropped when this call returns
         out = np.empty(q.shape, np.float32)
-        self.kernel.run(_host_float32(q), (k[layer], v[layer]), None if ks is None else (ks[layer], vs[layer]), out,
+        self.kernel.run(host_float32(q), (k[layer], v[layer]), None if ks is None else (ks[layer], vs[layer]), out,
                         sink)
         # converted by the constructor, on the host: an astype node costs an evaluation (~30 us for bfloat16)
         result = mx.array(out, dtype=q.dtype)
@@ -167,3 +174,27 @@ class MlxAttention(AttentionBase):
         self.check_storage(storage)
         kernel = self.kernel if self.kernel != "auto" else ("host" if storage.device == "cpu" else "mlx")
         return MlxPlan(storage, index, params, kernel)
+
+    def plan_cascade(self, storage: MlxStorage, index: BatchIndex, params: AttentionParams,
+                     layout: CascadeLayout) -> MlxPlan | MlxCascadePlan:
+        """A decode step whose groups read their shared blocks once (host kernel, see :mod:`.cascade`).
+
+        The ``mlx`` graph kernel and int8 pools plan the batch as usual (same result).
+        """
+        from .cascade import MlxCascadePlan
+
+        config = self.check_storage(storage)
+        index = check_index_bounds(index, config)
+        params = check_params(params)
+        layout = check_cascade(layout, index.block_tables, index.seq_lens, index.is_decode, config,
+                               sliding_window=params.sliding_window, chunk_size=params.chunk_size)
+        kernel = self.kernel if self.kernel != "auto" else ("host" if storage.device == "cpu" else "mlx")
+        if kernel != "host" or storage.quantized or not layout.num_groups:
+            return self.plan_index(storage, index, params)
+        rest = np.flatnonzero(layout.shared_tokens == 0)
+        rest_plan = None
+        if rest.size:
+            sub = BatchIndex(index.block_tables[rest], index.seq_lens[rest], np.arange(rest.size + 1),
+                             np.ones(rest.size, np.int64), True)
+            rest_plan = MlxPlan(storage, sub, params, "host")
+        return MlxCascadePlan(storage, index, params, layout, rest_plan, rest)

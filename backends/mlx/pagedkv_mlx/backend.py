@@ -44,7 +44,8 @@ class MlxBackend:
             dtypes=("float32", "float16", "bfloat16"),
             quantized=("int8",),
             max_head_dim=1024 if device == "cpu" else 256,
-            kernels=("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks"),
+            kernels=("decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks",
+                     *(("cascade",) if device == "cpu" else ())),
         )
 
     def create_storage(self, config: CacheConfig, device: str = "cpu") -> MlxStorage:

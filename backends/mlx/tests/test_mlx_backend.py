@@ -61,7 +61,8 @@ def test_protocols_probes_and_capabilities(backend):
     assert not backend.probe("npu").available and "npu" in backend.probe("npu").reason
     caps = backend.capabilities("cpu")
     assert caps.dtypes == ("float32", "float16", "bfloat16") and caps.quantized == ("int8",)
-    assert set(caps.kernels) == {"decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks"}
+    assert set(caps.kernels) == {"decode", "prefill", "sliding_window", "soft_cap", "gqa", "chunked_local", "sinks",
+                                 "cascade"}  # the host kernel's; Metal's graph kernel plans a cascade as usual
     gpu = backend.probe("gpu")
     if gpu.available:
         assert backend.capabilities("gpu").supports_dtype("int8")
