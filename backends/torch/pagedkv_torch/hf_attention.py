@@ -12,6 +12,12 @@ layer. The cache reads the model config's ``_attn_implementation`` at every
 ``update``, so switching the model back to ``"sdpa"`` switches the gather on
 again; a model of another implementation never sees deferred K/V.
 
+A step whose new K/V are all the layer attends to (a prefill with nothing
+cached, in a pool of the model's dtype) has nothing to read back: its
+attention runs transformers' SDPA (or eager) on the K/V in hand with the mask
+transformers built, which is ``DynamicCache``'s very call. Every other step
+(decode, a prefill after cached blocks) reads the pool.
+
 A step's plan inputs are built once per step and cache group, from the
 adapter's :class:`~pagedkv_torch.hf_layout.StepPlan` (its block tables and
 each row's leading padding): row ``i`` holds ``end - lead[i]`` tokens and
@@ -195,6 +201,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
               and not cache.layer_chunked(layer) and query.shape[0] == key.shape[0])
     step = _step(cache, layer) if usable else None
     kv_start = cache.layers[layer].kv_start(step.source.start) if step is not None else 0
+    if step is not None and _holds_whole_context(cache, step, kv_start, key):
+        # a prefill with nothing cached: the new K/V, in hand, are all the layer attends to (DynamicCache's call)
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if step is None or not step.mask_matches(attention_mask, kv_start, window):
         keys, values = cache.gather_layer(layer, key.dtype)
         return _fallback(module, query, keys, values, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -212,6 +221,20 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         out = torch.zeros(batch * new, heads, head_dim, dtype=out.dtype, device=out.device).index_copy_(
             0, step.query_index, out)
     return out.view(batch, new, heads, head_dim), None
+
+
+def _holds_whole_context(cache: PagedCache, step: _Step, kv_start: int, key: torch.Tensor) -> bool:
+    """Whether ``key`` (the step's new keys) covers every position the layer reads, in the pool's values.
+
+    Then reading them back from the pool would only cost: the prefill's
+    attention runs on them as with ``DynamicCache`` (whose first update returns
+    them too), with the mask transformers built for that length. A quantized
+    pool, or one of another dtype, holds other values than the new keys: its
+    layers read the pool, as the gather path would.
+    """
+    storage = cache.storage
+    return (kv_start == step.source.start and key.shape[-2] == step.source.end - kv_start
+            and not storage.quantized and storage.dtype == key.dtype)
 
 
 def _fallback(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -139,7 +139,9 @@ def test_shared_prefix_and_beams_match(gathers):
 
 
 def test_mask_with_a_hole_falls_back_to_the_gather(gathers):
-    """A row whose mask hides a stored token: the kernel cannot mask it, so the layers gather, exactly as before."""
+    """A row whose mask hides a stored token: the kernel cannot mask it, so decode layers gather, exactly as before.
+
+    (The prefill attends to the K/V in hand with transformers' mask, holes included.)"""
     model, _ = build("llama-gqa")
     ids, mask = prompts()
     mask[0, 6] = 0  # a hole after row 0's first token: stored, and masked by transformers only
@@ -148,7 +150,7 @@ def test_mask_with_a_hole_falls_back_to_the_gather(gathers):
     got_ids, got_logits = paged(model, ids, mask)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
-    assert gathers[0] == 2 * NEW_TOKENS  # every layer of every step
+    assert gathers[0] == 2 * (NEW_TOKENS - 1)  # every layer of every decode step
 
 
 def test_switching_back_to_sdpa_gathers_again(gathers):
@@ -198,3 +200,60 @@ def test_int8_pool_matches_its_gather(name, gathers):
     assert gathers[0] == 0
     assert torch.equal(results["pagedkv"][0], results["sdpa"][0])
     torch.testing.assert_close(results["pagedkv"][1], results["sdpa"][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def prefill_plans(monkeypatch):
+    """Counts the kernel plans of steps of several positions (prefills) that the "pagedkv" attention builds."""
+    count = [0]
+    original = hf_attention._ATTENTION.plan
+
+    def counted(storage, block_tables, seq_lens, query_start_loc=None, **kwargs):
+        count[0] += query_start_loc is not None
+        return original(storage, block_tables, seq_lens, query_start_loc, **kwargs)
+
+    monkeypatch.setattr(hf_attention._ATTENTION, "plan", counted)
+    return count
+
+
+@pytest.mark.parametrize("lengths", [(14, 9, 5), (14, 14, 14)], ids=["left-padded", "no-padding"])
+def test_prefill_with_nothing_cached_attends_to_the_new_kv(prefill_plans, gathers, lengths):
+    """Nothing to read back from the pool: the prefill attends to the K/V in hand, as DynamicCache's does."""
+    model, _ = build("llama-gqa")
+    ids, mask = prompts(lengths)
+    want_ids, want_logits = reference(model, "sdpa", ids, mask)
+    gathers[0] = 0
+    got_ids, got_logits = paged(model, ids, mask)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits[:, 0], want_logits[:, 0], rtol=0, atol=0)  # DynamicCache's very call
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert (prefill_plans[0], gathers[0]) == (0, 0)
+
+
+def test_a_pool_of_another_dtype_prefills_from_the_pool(prefill_plans):
+    """A bfloat16 pool under a float32 model holds rounded K/V: the prefill reads them, as the gather would."""
+    model, _ = build("llama-gqa")
+    ids, mask = prompts()
+    results = {}
+    for implementation in ("sdpa", "pagedkv"):
+        model.set_attn_implementation(implementation)
+        cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4, dtype="bfloat16")
+        cache.begin(ids, mask)
+        results[implementation] = generate(model, cache, ids, mask)
+    assert prefill_plans[0] == 1  # one cache group, one step
+    assert torch.equal(results["pagedkv"][0], results["sdpa"][0])
+
+
+def test_a_cached_prefix_prefills_from_the_pool(prefill_plans):
+    """A prompt whose first blocks are cached brings only its tail: that step reads the prefix from the pool."""
+    model, _ = build("llama-gqa")
+    ids, mask = prompts((14, 14, 14))
+    want, _ = reference(model, "sdpa", ids, mask)
+    cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4)
+    cache.begin(ids, mask)
+    generate(model, cache, ids, mask)
+    assert prefill_plans[0] == 0
+    assert min(cache.begin(ids, mask)) > 0  # the prompts' full blocks are in the prefix cache now
+    got, _ = generate(model, cache, ids, mask)
+    assert prefill_plans[0] == 1
+    assert torch.equal(got, want)
