@@ -10,5 +10,5 @@ import sys
 from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-fno-strict-aliasing", "-Wno-psabi"]
-setup(ext_modules=[Extension("pagedkv_torch._cpu_decode", ["csrc/cpu_decode.c"], depends=["csrc/cpu_decode_kernel.h"],
+setup(ext_modules=[Extension("pagedkv_torch._cpu_decode", ["csrc/cpu_decode.c"], depends=["csrc/cpu_decode_kernel.h", "csrc/cpu_decode_vec.h"],
                              extra_compile_args=flags, optional=True)])

@@ -8,6 +8,9 @@ GPU). 32 query / 8 KV heads, head dim 128, block size 16; the pool holds twice
 the blocks the batch uses and hands them out shuffled. The peer is ``scaled_dot_product_attention`` (with
 ``enable_gqa``) on ``[batch, kv_heads, seq, head_dim]`` contiguous tensors.
 Every paged benchmark checks its output against the peer before timing it.
+CPU decode of 32 x 8,192 (float32, 2 GiB of K/V) is timed against a 256 MiB
+copy instead, round by round: its K/V read rate as a fraction of the copy's
+bandwidth.
 
 CPU timings run on one torch thread: on a shared machine a second intra-op
 thread waits on a busy core and scatters every timing (both sides alike).
@@ -36,6 +39,7 @@ pytestmark = pytest.mark.benchmark
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 CPU_DECODE, CPU_PREFILL, CUDA_DECODE = (8, 2048), (1, 2048), (32, 4096)
+CPU_DECODE_LARGE = (32, 8192)  # 2 GiB of float32 K/V: far beyond every cache
 COPY_BYTES = 256 << 20  # far beyond the last-level cache
 ROUNDS = 9
 F = torch.nn.functional
@@ -135,6 +139,12 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def _spread(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, minimum and maximum of the per-round ratios ``a / b``."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def test_decode_paired(benchmark, decode_cases, torch_bench_results, paired_session):
     """Paged vs SDPA in both dtypes, and bfloat16 vs float32 paged, round by round (each kernel)."""
     fns, kernels = {}, set()
@@ -147,16 +157,60 @@ def test_decode_paired(benchmark, decode_cases, torch_bench_results, paired_sess
     for kernel in sorted(kernels):
         suffix = "" if kernel == "paged" else f" ({kernel.removeprefix('paged ')})"
         for dtype in decode_cases:
-            ratio = _median_ratio(t[f"{dtype} {kernel}"], t[f"{dtype} sdpa"])
+            ratio, low, high = _spread(t[f"{dtype} {kernel}"], t[f"{dtype} sdpa"])
             torch_bench_results[f"decode {dtype} paired{suffix}"] = {"ratio": ratio}
             print(f"\ndecode {dtype}: {kernel} {1e3 * min(t[f'{dtype} {kernel}']):.1f} ms, "
-                  f"SDPA {1e3 * min(t[f'{dtype} sdpa']):.1f} ms (min); paired ratio {ratio:.2f}x")
-        halves = _median_ratio(t[f"bfloat16 {kernel}"], t[f"float32 {kernel}"])
+                  f"SDPA {1e3 * min(t[f'{dtype} sdpa']):.1f} ms (min); paired ratio {ratio:.2f}x "
+                  f"(range {low:.2f}-{high:.2f}, {len(t[f'{dtype} sdpa'])} rounds)")
+        halves, low, high = _spread(t[f"bfloat16 {kernel}"], t[f"float32 {kernel}"])
         torch_bench_results[f"decode bfloat16 vs float32{suffix}"] = {"ratio": halves}
-        print(f"decode: bfloat16 / float32 {kernel}, paired ratio {halves:.2f}x")
+        print(f"decode: bfloat16 / float32 {kernel}, paired ratio {halves:.2f}x (range {low:.2f}-{high:.2f})")
     # the issue's goals (<= 0.5x, bfloat16 < float32) are reported, not asserted: on a shared
     # machine they move with the load; paging must at least beat SDPA
     assert torch_bench_results["decode float32 paired"]["ratio"] < 1.0, "paged decode slower than SDPA"
+
+
+def test_decode_bandwidth_large(benchmark, torch_bench_results, paired_session):
+    """32 x 8,192 float32 decode: K/V bytes read per second as a fraction of the copy bandwidth, paired by round.
+
+    The pool holds exactly the batch's blocks, shuffled (2 GiB; no SDPA copy
+    beside it), filled by tiling 64 MiB of random values; two sequences are
+    checked against SDPA over their own K/V before timing.
+    """
+    batch, seq = CPU_DECODE_LARGE
+    per_seq = seq // BLOCK
+    config = CacheConfig(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_blocks=batch * per_seq,
+                         block_size=BLOCK, dtype="float32")
+    storage = TorchBackend().create_storage(config, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    tile = torch.randn(64 << 20 >> 2, generator=gen)
+    for pool in (storage.k, storage.v):
+        flat = pool.view(-1)
+        for start in range(0, flat.numel(), tile.numel()):
+            n = min(tile.numel(), flat.numel() - start)
+            flat[start:start + n].copy_(tile[:n])
+        tile = tile.roll(12345)
+    tables = np.random.default_rng(0).permutation(config.num_blocks).reshape(batch, per_seq).astype(np.int32)
+    plan = TorchAttention("auto").plan(storage, tables, np.full(batch, seq, np.int32))
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen)
+    got = plan.run(q, 0)
+    for b in (0, batch - 1):
+        ids = torch.from_numpy(tables[b].astype(np.int64))
+        k, v = (pool[0][ids].reshape(1, seq, KV_HEADS, HEAD_DIM).transpose(1, 2) for pool in (storage.k, storage.v))
+        want = F.scaled_dot_product_attention(q[b:b + 1, :, None], k, v, enable_gqa=True)[:, :, 0]
+        _close(got[b:b + 1], want, 1e-4)
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    kv_bytes = 2 * batch * seq * KV_HEADS * HEAD_DIM * 4
+    t = paired_session(benchmark, "decode 32 x 8192 vs copy", {"paged": lambda: plan.run(q, 0),
+                                                                "copy": lambda: dst.copy_(src)}, 5)
+    fractions = [(kv_bytes / a) / (2 * COPY_BYTES / b) for a, b in zip(t["paged"], t["copy"])]
+    fraction = statistics.median(fractions)
+    torch_bench_results["decode float32 32x8192 vs copy"] = {"ratio": fraction}
+    print(f"\ndecode float32 32 x 8,192: paged {1e3 * min(t['paged']):.0f} ms (min), K/V read at "
+          f"{kv_bytes / min(t['paged']) / 1e9:.1f} GB/s; copy {2 * COPY_BYTES / min(t['copy']) / 1e9:.1f} GB/s "
+          f"(read + write); paired rounds: K/V rate / copy bandwidth = {fraction:.0%} "
+          f"(range {min(fractions):.0%}-{max(fractions):.0%}; goal >= 60 %)")
 
 
 def test_prefill_sdpa(benchmark, prefill_case, torch_bench_results):

@@ -19,7 +19,9 @@
  * which the Python side raises as InvalidBlock / OutOfBounds /
  * InvalidArgument. The check walks each table row once per call, outside
  * the kernel's loops. The GIL is released while the kernel runs, so Python
- * threads can decode disjoint item ranges at once.
+ * threads can decode disjoint item ranges at once. With `lse`, each query
+ * head's log-sum-exp is written beside its output, so a cascade can merge
+ * this level with a shared prefix's (pagedkv_torch.cascade).
  *
  * Variants: AVX-512 (16 lanes) and AVX2+FMA (8 lanes) on x86-64, chosen at
  * import from CPUID, and a portable 8-lane build (NEON on arm64, SSE2
@@ -36,8 +38,11 @@
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3 };
+enum { DT_BF16_PAIRS = 4 }; /* internal: bfloat16 rows widened in even/odd pairs (cpu_decode_vec.h) */
 #define CHUNK 16 /* tokens scored per step; a multiple of every variant's LANES */
-#define PREFETCH_BLOCKS 2 /* how far ahead the next blocks' rows are requested (1-4 measured alike) */
+#define PREFETCH_BLOCKS 1 /* how far ahead the next block's rows are requested: 1, 2 and 4 measured alike on
+                           * AMD Zen 4; on an Intel Xeon (Sapphire Rapids class) 1 was 4-8 % faster than 2 and
+                           * 4 slower (docs/benchmarks-torch.md) */
 
 typedef struct {
     const float *q;           /* [batch, num_kv_heads * group, head_dim] float32 */
@@ -48,6 +53,8 @@ typedef struct {
     const int64_t *block_tables; /* [batch, table_stride], ids in [0, num_blocks) where seq_len reaches */
     const int64_t *seq_lens;  /* [batch], each in [1, table_stride * block_size] */
     const float *sinks;       /* [num_kv_heads * group] finite sink logits, or NULL: none */
+    float *lse;               /* [batch, num_kv_heads * group]: each query head's log-sum-exp of its scaled
+                               * scores (sink included), or NULL: not wanted (a cascade merges levels by it) */
     int64_t num_blocks;       /* of the pools: checked against every block id before it is read */
     int64_t table_stride, num_kv_heads, group, head_dim, block_size, window, chunk, elem_size;
     int64_t heads_per_item;    /* KV heads walked together by one item */
@@ -197,16 +204,16 @@ static PyObject *py_decode(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     /* 23 positional-only arguments, `variant`, then the keyword-only chunked-local and sink arguments */
     static char *keywords[] = {"", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
-                               "", "", "variant", "chunk", "sinks", NULL};
-    unsigned long long q, out, k, v, k_scale, v_scale, tables, lens, sinks = 0;
+                               "", "", "variant", "chunk", "sinks", "lse", NULL};
+    unsigned long long q, out, k, v, k_scale, v_scale, tables, lens, sinks = 0, lse = 0;
     long long batch, stride, num_blocks, kvh, group, hd, bs, window, elem, per, begin, end, chunk = 0;
     int dtype;
     float scale, cap;
     const char *requested = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKKKKKKLLLLLLLLLLiffLL|z$LK", keywords, &q, &out, &k, &v,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKKKKKKLLLLLLLLLLiffLL|z$LKK", keywords, &q, &out, &k, &v,
                                      &k_scale, &v_scale, &tables, &lens, &batch, &stride, &num_blocks, &kvh, &group,
                                      &hd, &bs, &window, &elem, &per, &dtype, &scale, &cap, &begin, &end, &requested,
-                                     &chunk, &sinks))
+                                     &chunk, &sinks, &lse))
         return NULL;
     if (dtype < DT_F32 || dtype > DT_I8 || batch < 0 || stride < 0 || num_blocks < 0 || kvh < 1 || group < 1 ||
         hd < 1 || bs < 1 || per < 1 || begin < 0 || end < begin || chunk < 0) {
@@ -228,7 +235,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args, PyObject *kwargs) {
         .k = (const char *)(uintptr_t)k, .v = (const char *)(uintptr_t)v,
         .k_scale = (const float *)(uintptr_t)k_scale, .v_scale = (const float *)(uintptr_t)v_scale,
         .block_tables = (const int64_t *)(uintptr_t)tables, .seq_lens = (const int64_t *)(uintptr_t)lens,
-        .sinks = (const float *)(uintptr_t)sinks, .num_blocks = num_blocks, .table_stride = stride,
+        .sinks = (const float *)(uintptr_t)sinks, .lse = (float *)(uintptr_t)lse, .num_blocks = num_blocks,
+        .table_stride = stride,
         .num_kv_heads = kvh, .group = group, .head_dim = hd, .block_size = bs, .window = window, .chunk = chunk,
         .elem_size = elem, .heads_per_item = per, .dtype = dtype, .scale = scale, .soft_cap = cap,
     };
@@ -251,9 +259,10 @@ static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))py_decode, METH_VARARGS | METH_KEYWORDS,
      "decode(q, out, k, v, k_scale, v_scale, block_tables, seq_lens, batch, table_stride, num_blocks, num_kv_heads, "
      "group, head_dim, block_size, window, elem_size, heads_per_item, dtype, scale, soft_cap, begin, end, "
-     "variant=None, *, chunk=0, sinks=0): items begin..end (sequence * slices + slice of heads_per_item KV heads) "
+     "variant=None, *, chunk=0, sinks=0, lse=0): items begin..end (sequence * slices + slice of heads_per_item KV heads) "
      "of a paged decode; addresses of contiguous CPU buffers (block_tables and seq_lens int64; sinks, when not 0, "
-     "float32 [num_kv_heads * group], finite). chunk > 0: chunked-local attention (the query sees its own chunk "
+     "float32 [num_kv_heads * group], finite; lse, when not 0, float32 [batch, num_kv_heads * group], "
+     "receiving each query head's log-sum-exp of its scaled scores). chunk > 0: chunked-local attention (the query sees its own chunk "
      "of chunk tokens only). Returns None, or, reading nothing, "
      "(kind, row, col, value) when a sequence's length or a block id it reaches is out of range (kind: "
      "BOUNDS_BAD_BLOCK, BOUNDS_PAST_TABLE or BOUNDS_EMPTY)."},

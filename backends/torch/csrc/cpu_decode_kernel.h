@@ -21,132 +21,12 @@
  * sink, sum = exp(sink - sink) = 1, accumulator 0), so it costs no pass.
  */
 
-typedef float NAME(vf) __attribute__((vector_size(LANES * 4)));
-typedef int32_t NAME(vi) __attribute__((vector_size(LANES * 4)));
-typedef uint32_t NAME(vu) __attribute__((vector_size(LANES * 4)));
-typedef uint16_t NAME(vh) __attribute__((vector_size(LANES * 2)));
-typedef int8_t NAME(vb) __attribute__((vector_size(LANES)));
+#include "cpu_decode_vec.h"
 
-#define VF NAME(vf)
-#define VI NAME(vi)
-#define VU NAME(vu)
-#define JT (LANES / 4)
-#define INLINE static inline __attribute__((always_inline)) TARGET
+#define DV (LANES == 16 ? 4 : 2) /* head-dim vectors per accumulate register tile; even */
 
-INLINE VF NAME(load)(const float *p) { VF v; memcpy(&v, p, sizeof v); return v; }
-INLINE void NAME(store)(float *p, VF v) { memcpy(p, &v, sizeof v); }
-INLINE VF NAME(splat)(float x) { return (VF){0} + x; }
-
-/* LANES elements of a `dtype` row from element `d` on, as float32 (widened in registers). */
-INLINE VF NAME(load_as_float)(const void *row, int dtype, int64_t d) {
-    if (dtype == DT_BF16) {
-        NAME(vh) h; memcpy(&h, (const uint16_t *)row + d, sizeof h);
-        VU u = __builtin_convertvector(h, VU) << 16;
-        VF f; memcpy(&f, &u, sizeof f);
-        return f;
-    }
-    if (dtype == DT_F16) {
-#ifdef CVT_HALF
-        return CVT_HALF((const uint16_t *)row + d); /* one vcvtph2ps */
-#else
-        NAME(vh) h; memcpy(&h, (const uint16_t *)row + d, sizeof h);
-        VU x = __builtin_convertvector(h, VU);
-        VU em = x & 0x7fffu, shifted = em << 13;
-        VF mag; memcpy(&mag, &shifted, sizeof mag);
-        mag *= 0x1p112f; /* normals and subnormals: the exponent bias moves from 15 to 127 */
-        VU bits; memcpy(&bits, &mag, sizeof bits);
-        VU special = (VU)(em >= 0x7c00u); /* infinity and NaN keep an all-ones exponent */
-        bits = (special & (shifted | 0x7f800000u)) | (~special & bits);
-        bits |= (x & 0x8000u) << 16;
-        VF f; memcpy(&f, &bits, sizeof f);
-        return f;
-#endif
-    }
-    if (dtype == DT_I8) {
-        NAME(vb) b; memcpy(&b, (const int8_t *)row + d, sizeof b);
-        return __builtin_convertvector(b, VF);
-    }
-    return NAME(load)((const float *)row + d);
-}
-
-/* Row of `n` elements of `dtype` at `src` as float32 in `dst`, zero-padded to `padded` (for head dims
- * that are not a multiple of LANES, whose vector loads would otherwise run past the row). */
-INLINE void NAME(widen)(const void *src, int dtype, int64_t n, int64_t padded, float *restrict dst) {
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES) NAME(store)(dst + d, NAME(load_as_float)(src, dtype, d));
-    for (; d < n; d++) {
-        if (dtype == DT_BF16) {
-            uint32_t u = (uint32_t)((const uint16_t *)src)[d] << 16;
-            memcpy(dst + d, &u, 4);
-        } else if (dtype == DT_F16) {
-            dst[d] = half_to_float(((const uint16_t *)src)[d]);
-        } else if (dtype == DT_I8) {
-            dst[d] = (float)((const int8_t *)src)[d];
-        } else {
-            dst[d] = ((const float *)src)[d];
-        }
-    }
-    for (; d < padded; d++) dst[d] = 0.0f;
-}
-
-/* exp(x) for x <= 0 (every caller subtracts a maximum first), relative error ~2e-7; 0 below -87.3,
- * including -inf. Cephes' expf polynomial after a round-to-nearest range reduction. */
-INLINE VF NAME(exp)(VF x) {
-    VI dead = x < -87.3f;
-    x = (VF)((dead & (VI)NAME(splat)(-87.3f)) | (~dead & (VI)x));
-    VF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    VF r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    VF p = NAME(splat)(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    VF y = p * r * r + r + 1.0f;
-    VI pow2 = (__builtin_convertvector(n, VI) + 127) << 23;
-    VF scale; memcpy(&scale, &pow2, sizeof scale);
-    return (VF)(~dead & (VI)(y * scale));
-}
-
-/* cap * tanh(s / cap), through exp(-2|y|) so large |y| saturates without overflow. */
-INLINE VF NAME(soft_cap)(VF s, float cap) {
-    VF y = s / cap;
-    VI sign = (VI)y & (VI)NAME(splat)(-0.0f);
-    VF a = (VF)((VI)y & ~(VI)NAME(splat)(-0.0f));
-    VF e = NAME(exp)(-2.0f * a);
-    VF t = (1.0f - e) / (1.0f + e);
-    return (VF)((VI)t | sign) * cap;
-}
-
-/* sum of each of the LANES vectors in `a`, in lane order (a transpose-and-add tree). */
-INLINE VF NAME(reduce)(VF *a) {
-#if LANES == 16
-    VF c[8], e[4], f[2];
-    for (int i = 0; i < 8; i++)
-        c[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + SHUFFLE(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)
-        e[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-             + SHUFFLE(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        f[i] = SHUFFLE(e[2 * i], e[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-             + SHUFFLE(e[2 * i], e[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return SHUFFLE(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + SHUFFLE(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-    VF c[4], e[2];
-    for (int i = 0; i < 4; i++)
-        c[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
-             + SHUFFLE(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int i = 0; i < 2; i++)
-        e[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
-             + SHUFFLE(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-    return SHUFFLE(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14)
-         + SHUFFLE(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15);
-#endif
-}
-
-/* s[g * CHUNK + j] = q_g . k_j for g < groups, j < n; rows padded to `dim` (a multiple of LANES). */
+/* s[g * CHUNK + j] = q_g . k_j for g < groups, j < n; rows padded to `dim` (a multiple of LANES; of
+ * DV x LANES for DT_BF16_PAIRS, whose q is in even/odd order). */
 INLINE void NAME(scores)(const float *q, int64_t groups, const void *const *k, int dtype, int64_t n,
                          int64_t dim, float *restrict s) {
     for (int64_t g0 = 0; g0 < groups; g0 += 4) {
@@ -157,12 +37,22 @@ INLINE void NAME(scores)(const float *q, int64_t groups, const void *const *k, i
             for (int i = 0; i < JT; i++) kr[i] = k[j0 + i < n ? j0 + i : n - 1];
             VF acc[LANES];
             for (int i = 0; i < LANES; i++) acc[i] = NAME(splat)(0.0f);
-            for (int64_t d = 0; d < dim; d += LANES) {
-                VF qv[4], kv[JT];
-                for (int i = 0; i < 4; i++) qv[i] = NAME(load)(qr[i] + d);
-                for (int i = 0; i < JT; i++) kv[i] = NAME(load_as_float)(kr[i], dtype, d);
-                for (int g = 0; g < 4; g++)
-                    for (int j = 0; j < JT; j++) acc[g * JT + j] += qv[g] * kv[j];
+            if (dtype == DT_BF16_PAIRS) { /* q holds each 2 x LANES dims as LANES even, then LANES odd ones */
+                for (int64_t d = 0; d < dim; d += 2 * LANES) {
+                    VF qe[4], qo[4], ke[JT], ko[JT];
+                    for (int i = 0; i < 4; i++) qe[i] = NAME(load)(qr[i] + d), qo[i] = NAME(load)(qr[i] + d + LANES);
+                    for (int i = 0; i < JT; i++) NAME(load_bf16_pairs)(kr[i], d, &ke[i], &ko[i]);
+                    for (int g = 0; g < 4; g++)
+                        for (int j = 0; j < JT; j++) acc[g * JT + j] += qe[g] * ke[j] + qo[g] * ko[j];
+                }
+            } else {
+                for (int64_t d = 0; d < dim; d += LANES) {
+                    VF qv[4], kv[JT];
+                    for (int i = 0; i < 4; i++) qv[i] = NAME(load)(qr[i] + d);
+                    for (int i = 0; i < JT; i++) kv[i] = NAME(load_as_float)(kr[i], dtype, d);
+                    for (int g = 0; g < 4; g++)
+                        for (int j = 0; j < JT; j++) acc[g * JT + j] += qv[g] * kv[j];
+                }
             }
             float sums[LANES];
             NAME(store)(sums, NAME(reduce)(acc));
@@ -172,12 +62,33 @@ INLINE void NAME(scores)(const float *q, int64_t groups, const void *const *k, i
     }
 }
 
-/* acc[g] += sum_j p[g * CHUNK + j] * v_j over a chunk, four query heads' accumulators in registers. */
+/* acc[g] += sum_j p[g * CHUNK + j] * v_j over a chunk. Register tile: four query heads x DV vectors of the
+ * head dim (16 accumulators with AVX-512's 32 registers, 8 with 16), so each token's four weights are
+ * broadcast once per DV vectors and each V vector is loaded once per four heads. */
 INLINE void NAME(accumulate)(float *acc, int64_t groups, const float *p, const void *const *v, int dtype,
                              int64_t n, int64_t dim) {
     int64_t g0 = 0;
-    for (; g0 + 4 <= groups; g0 += 4)
-        for (int64_t d = 0; d < dim; d += LANES) {
+    for (; g0 + 4 <= groups; g0 += 4) {
+        int64_t d = 0;
+        for (; d + DV * LANES <= dim; d += DV * LANES) {
+            VF a[4][DV];
+            for (int g = 0; g < 4; g++)
+                for (int i = 0; i < DV; i++) a[g][i] = NAME(load)(acc + (g0 + g) * dim + d + i * LANES);
+            for (int64_t j = 0; j < n; j++) {
+                VF x[DV];
+                if (dtype == DT_BF16_PAIRS)
+                    for (int i = 0; i < DV; i += 2) NAME(load_bf16_pairs)(v[j], d + i * LANES, &x[i], &x[i + 1]);
+                else
+                    for (int i = 0; i < DV; i++) x[i] = NAME(load_as_float)(v[j], dtype, d + i * LANES);
+                for (int g = 0; g < 4; g++) {
+                    const VF w = NAME(splat)(p[(g0 + g) * CHUNK + j]);
+                    for (int i = 0; i < DV; i++) a[g][i] += w * x[i];
+                }
+            }
+            for (int g = 0; g < 4; g++)
+                for (int i = 0; i < DV; i++) NAME(store)(acc + (g0 + g) * dim + d + i * LANES, a[g][i]);
+        }
+        for (; d < dim; d += LANES) {
             VF a[4];
             for (int g = 0; g < 4; g++) a[g] = NAME(load)(acc + (g0 + g) * dim + d);
             for (int64_t j = 0; j < n; j++) {
@@ -186,23 +97,39 @@ INLINE void NAME(accumulate)(float *acc, int64_t groups, const float *p, const v
             }
             for (int g = 0; g < 4; g++) NAME(store)(acc + (g0 + g) * dim + d, a[g]);
         }
-    for (; g0 < groups; g0++)
+    }
+    for (; g0 < groups; g0++) {
+        if (dtype == DT_BF16_PAIRS) {
+            for (int64_t d = 0; d < dim; d += 2 * LANES) {
+                VF a0 = NAME(load)(acc + g0 * dim + d), a1 = NAME(load)(acc + g0 * dim + d + LANES), x0, x1;
+                for (int64_t j = 0; j < n; j++) {
+                    NAME(load_bf16_pairs)(v[j], d, &x0, &x1);
+                    a0 += p[g0 * CHUNK + j] * x0;
+                    a1 += p[g0 * CHUNK + j] * x1;
+                }
+                NAME(store)(acc + g0 * dim + d, a0);
+                NAME(store)(acc + g0 * dim + d + LANES, a1);
+            }
+            continue;
+        }
         for (int64_t d = 0; d < dim; d += LANES) {
             VF a = NAME(load)(acc + g0 * dim + d);
             for (int64_t j = 0; j < n; j++) a += p[g0 * CHUNK + j] * NAME(load_as_float)(v[j], dtype, d);
             NAME(store)(acc + g0 * dim + d, a);
         }
+    }
 }
 
 /* Rows of a chunk, and the dtype to read them as: pointers straight into the pool when the head dim is a
- * multiple of LANES, else float32 copies padded with zeros in `scratch`. */
+ * multiple of LANES (`dt`, the pool's dtype, a constant in each specialisation of decode_body), else
+ * float32 copies padded with zeros in `scratch`. */
 INLINE int NAME(rows)(const DecodeArgs *a, const char *pool, int64_t first_row, int64_t n, int64_t dim,
-                      float *scratch, const void **out) {
+                      float *scratch, const void **out, const int dt) {
     int64_t row_bytes = a->head_dim * a->elem_size, stride = a->num_kv_heads * row_bytes;
     const char *src = pool + first_row * row_bytes;
     if (dim == a->head_dim) {
         for (int64_t j = 0; j < n; j++) out[j] = src + j * stride;
-        return a->dtype;
+        return dt;
     }
     for (int64_t j = 0; j < n; j++) {
         NAME(widen)(src + j * stride, a->dtype, a->head_dim, dim, scratch + j * dim);
@@ -221,24 +148,31 @@ INLINE void NAME(prefetch)(const DecodeArgs *a, const char *pool, int64_t block,
     }
 }
 
-/* Online-softmax update of one query head's state with a chunk's scores (scaled in place into weights). */
+/* Online-softmax update of one query head's state with a chunk's scores (scaled in place into weights; the
+ * lanes from n on, past the chunk, get weight 0). Vector-wide: the lanes past n are masked to -inf by one
+ * comparison with the lane index, the max and the sum are halving reductions. */
 INLINE void NAME(softmax_step)(const DecodeArgs *a, float *sg, int64_t n, float ks, float vs, float *m, float *l,
                                float *acc, int64_t dim) {
-    float top = -INFINITY, sum = 0.0f;
-    for (int64_t j = 0; j < CHUNK; j += LANES) {
-        VF x = NAME(load)(sg + j) * ks;
-        if (a->soft_cap > 0.0f) x = NAME(soft_cap)(x, a->soft_cap);
-        NAME(store)(sg + j, x);
+#if LANES == 16
+    const VI lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+    const VI lane = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+    const VI none = (VI)NAME(splat)(-INFINITY);
+    VF x[CHUNK / LANES], top = NAME(splat)(-INFINITY), total = NAME(splat)(0.0f);
+    for (int c = 0; c < CHUNK / LANES; c++) {
+        VF y = NAME(load)(sg + c * LANES) * ks;
+        if (a->soft_cap > 0.0f) y = NAME(soft_cap)(y, a->soft_cap);
+        const VI live = lane + c * LANES < (int32_t)n;
+        x[c] = (VF)((live & (VI)y) | (~live & none));
+        top = NAME(vmax)(top, x[c]);
     }
-    for (int64_t j = 0; j < n; j++) top = sg[j] > top ? sg[j] : top;
-    const float new_max = top > *m ? top : *m;
-    for (int64_t j = 0; j < CHUNK; j += LANES) {
-        VF x = NAME(load)(sg + j) - new_max;
-        for (int i = 0; i < LANES; i++)
-            if (j + i >= n) x[i] = -INFINITY;
-        x = NAME(exp)(x);
-        for (int i = 0; i < LANES; i++) sum += x[i];
-        NAME(store)(sg + j, x * vs);
+    const float chunk_max = NAME(hmax)(top);
+    const float new_max = chunk_max > *m ? chunk_max : *m;
+    for (int c = 0; c < CHUNK / LANES; c++) {
+        const VF e = NAME(exp)(x[c] - new_max);
+        total += e;
+        NAME(store)(sg + c * LANES, e * vs);
     }
     if (new_max > *m) {
         const float alpha = *m == -INFINITY ? 0.0f : NAME(exp)(NAME(splat)(*m - new_max))[0];
@@ -246,13 +180,40 @@ INLINE void NAME(softmax_step)(const DecodeArgs *a, float *sg, int64_t n, float 
         for (int64_t d = 0; d < dim; d += LANES) NAME(store)(acc + d, NAME(load)(acc + d) * alpha);
         *m = new_max;
     }
-    *l += sum;
+    *l += NAME(hsum)(total);
+}
+
+/* The first position a decode query at position `last` sees: its window's start or its attention chunk's,
+ * the later; blocks before it are never touched. */
+INLINE int64_t NAME(first_visible)(const DecodeArgs *a, int64_t last) {
+    int64_t pos = a->window > 0 && last - a->window + 1 > 0 ? last - a->window + 1 : 0;
+    if (a->chunk > 0 && last / a->chunk * a->chunk > pos) pos = last / a->chunk * a->chunk;
+    return pos;
+}
+
+/* A DT_BF16_PAIRS query or accumulator keeps each 2 x LANES dims as their LANES even ones, then their LANES
+ * odd ones (the order load_bf16_pairs widens a row in): `to` gets `from` (in dim order) times `mul`, so
+ * reordered, and from_order does the reverse divided by `div`. Both need n to be a multiple of 2 x LANES. */
+INLINE void NAME(to_pairs)(float *restrict to, const float *restrict from, int64_t n, float mul) {
+    for (int64_t d = 0; d < n; d += 2 * LANES)
+        for (int64_t i = 0; i < LANES; i++) {
+            to[d + i] = from[d + 2 * i] * mul;
+            to[d + LANES + i] = from[d + 2 * i + 1] * mul;
+        }
+}
+
+INLINE void NAME(from_pairs)(float *restrict to, const float *restrict from, int64_t n, float div) {
+    for (int64_t d = 0; d < n; d += 2 * LANES)
+        for (int64_t i = 0; i < LANES; i++) {
+            to[d + 2 * i] = from[d + i] / div;
+            to[d + 2 * i + 1] = from[d + LANES + i] / div;
+        }
 }
 
 /* Items begin..end, item = sequence * slices + slice; a slice is `heads_per_item` consecutive KV heads,
  * walked together so each chunk of a block is read front to back once for all of them. The caller
  * (py_decode) ran check_items over the same items first, so every id and length read here is in range. */
-TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_t end, float *work) {
+INLINE void NAME(decode_body)(const DecodeArgs *a, int64_t begin, int64_t end, float *work, const int dt) {
     const int64_t groups = a->group, hd = a->head_dim, bs = a->block_size, kvh = a->num_kv_heads;
     const int64_t per = a->heads_per_item, slices = (kvh + per - 1) / per;
     const int64_t dim = (hd + LANES - 1) / LANES * LANES, state = groups * dim;
@@ -262,13 +223,20 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
     for (int64_t item = begin; item < end; item++) {
         const int64_t b = item / slices, h0 = item % slices * per, h1 = h0 + per < kvh ? h0 + per : kvh;
         const int64_t last = a->seq_lens[b] - 1;
-        int64_t pos = a->window > 0 && last - a->window + 1 > 0 ? last - a->window + 1 : 0;
-        if (a->chunk > 0 && last / a->chunk * a->chunk > pos) pos = last / a->chunk * a->chunk;
+        int64_t pos = NAME(first_visible)(a, last);
+        /* the next item's first block, prefetched during this item's last one (short sequences, such as a
+         * cascade's own levels, would otherwise start every item with a miss); only when an item is a whole
+         * sequence, since a slice's successor may read other heads */
+        const int64_t following = slices == 1 && item + 1 < end
+            ? a->block_tables[(b + 1) * a->table_stride + NAME(first_visible)(a, a->seq_lens[b + 1] - 1) / bs] : -1;
         for (int64_t h = 0; h < h1 - h0; h++) {
             const float *qsrc = a->q + ((b * kvh + h0 + h) * groups) * hd;
             for (int64_t g = 0; g < groups; g++) {
                 float *qg = q + h * state + g * dim;
-                for (int64_t d = 0; d < dim; d++) qg[d] = d < hd ? qsrc[g * hd + d] * a->scale : 0.0f;
+                if (dt == DT_BF16_PAIRS) /* dim == hd here */
+                    NAME(to_pairs)(qg, qsrc + g * hd, hd, a->scale);
+                else
+                    for (int64_t d = 0; d < dim; d++) qg[d] = d < hd ? qsrc[g * hd + d] * a->scale : 0.0f;
                 m[h * groups + g] = a->sinks ? a->sinks[(h0 + h) * groups + g] : -INFINITY;
                 l[h * groups + g] = a->sinks ? 1.0f : 0.0f;
             }
@@ -281,7 +249,7 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
             const int64_t *table = a->block_tables + b * a->table_stride;
             const int64_t block = table[pos / bs];
             const int64_t ahead = pos / bs + PREFETCH_BLOCKS;
-            const int64_t next = off == 0 && ahead <= last / bs ? table[ahead] : -1;
+            const int64_t next = off != 0 ? -1 : ahead <= last / bs ? table[ahead] : following;
             for (int64_t h = h0; h < h1; h++) {
                 const int64_t row = (block * bs + off) * kvh + h, i = h - h0;
                 const float ks = a->k_scale ? a->k_scale[block * kvh + h] : 1.0f;
@@ -290,22 +258,54 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
                     NAME(prefetch)(a, a->k, next, h);
                     NAME(prefetch)(a, a->v, next, h);
                 }
-                int dtype = NAME(rows)(a, a->k, row, n, dim, kbuf, krow);
+                int dtype = NAME(rows)(a, a->k, row, n, dim, kbuf, krow, dt);
                 NAME(scores)(q + i * state, groups, krow, dtype, n, dim, s);
                 for (int64_t g = 0; g < groups; g++)
                     NAME(softmax_step)(a, s + g * CHUNK, n, ks, vs, m + i * groups + g, l + i * groups + g,
                                        acc + i * state + g * dim, dim);
-                dtype = NAME(rows)(a, a->v, row, n, dim, vbuf, vrow);
+                dtype = NAME(rows)(a, a->v, row, n, dim, vbuf, vrow, dt);
                 NAME(accumulate)(acc + i * state, groups, s, vrow, dtype, n, dim);
             }
             pos += n;
         }
         for (int64_t h = 0; h < h1 - h0; h++) {
             float *o = a->out + ((b * kvh + h0 + h) * groups) * hd;
-            for (int64_t g = 0; g < groups; g++)
-                for (int64_t d = 0; d < hd; d++)
-                    o[g * hd + d] = acc[h * state + g * dim + d] / l[h * groups + g];
+            for (int64_t g = 0; g < groups; g++) {
+                const float *ag = acc + h * state + g * dim, lg = l[h * groups + g];
+                if (dt == DT_BF16_PAIRS)
+                    NAME(from_pairs)(o + g * hd, ag, hd, lg);
+                else
+                    for (int64_t d = 0; d < hd; d++) o[g * hd + d] = ag[d] / lg;
+            }
+            if (a->lse)
+                for (int64_t g = 0; g < groups; g++)
+                    a->lse[(b * kvh + h0 + h) * groups + g] = m[h * groups + g] + logf(l[h * groups + g]);
         }
+    }
+}
+
+/* decode_body specialised per pool dtype, so the dtype tests in the innermost loops (load_as_float) fold
+ * away; bfloat16 rows whose head dim is a multiple of DV x LANES are widened in even/odd pairs
+ * (load_bf16_pairs). Head dims that are not a multiple of LANES read float32 scratch rows whatever the
+ * pool holds, so they need no specialisation. */
+TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_t end, float *work) {
+    if (a->head_dim % LANES != 0) {
+        NAME(decode_body)(a, begin, end, work, DT_F32);
+        return;
+    }
+    const uint16_t one = 1;
+    uint8_t low;
+    memcpy(&low, &one, 1); /* 1 on little-endian machines, where load_bf16_pairs' word layout holds */
+    switch (a->dtype) {
+    case DT_BF16:
+        if (low == 1 && a->head_dim % (DV * LANES) == 0)
+            NAME(decode_body)(a, begin, end, work, DT_BF16_PAIRS);
+        else
+            NAME(decode_body)(a, begin, end, work, DT_BF16);
+        break;
+    case DT_F16: NAME(decode_body)(a, begin, end, work, DT_F16); break;
+    case DT_I8: NAME(decode_body)(a, begin, end, work, DT_I8); break;
+    default: NAME(decode_body)(a, begin, end, work, DT_F32); break;
     }
 }
 
@@ -313,4 +313,5 @@ TARGET static void NAME(decode_items)(const DecodeArgs *a, int64_t begin, int64_
 #undef VI
 #undef VU
 #undef JT
+#undef DV
 #undef INLINE

@@ -80,7 +80,9 @@ class NativeDecodePlan(TorchPlanBase):
     ``index`` may be hand-made: its ids and lengths are checked by the C
     kernel on every ``run`` (before it reads anything), its shapes here.
     ``variant`` forces an instruction-set variant (tests compare them);
-    ``"auto"`` takes the best the CPU supports.
+    ``"auto"`` takes the best the CPU supports. ``run`` gives the output;
+    ``state`` gives it in float32 with each query head's log-sum-exp (what a
+    cascade merges levels by).
     """
 
     KERNEL_CHECKS_BOUNDS = True
@@ -102,10 +104,30 @@ class NativeDecodePlan(TorchPlanBase):
         ``sinks``: optional ``[num_q_heads]`` float sink logits of this layer
         (host NumPy or a CPU tensor), checked here: C trusts their length.
         """
+        out, _, dtype = self._decode(q, layer, sinks, want_lse=False)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    @torch.no_grad()
+    def state(self, q, layer: int, *, sinks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)``: the float32 output ``[batch, num_q_heads, head_dim]`` (not rounded to q's dtype)
+        and each query head's log-sum-exp of its scaled (and soft-capped) scores ``[batch, num_q_heads]``.
+
+        Why: a cascade decodes a shared prefix and each member's own blocks
+        separately and merges the two normalised outputs by their
+        log-sum-exps (``o = (e^(lse_a) o_a + e^(lse_b) o_b) / (e^(lse_a) +
+        e^(lse_b))``), so its own level runs here instead of on torch ops.
+        A sink, when given, is part of ``lse``.
+        """
+        out, lse, _ = self._decode(q, layer, sinks, want_lse=True)
+        return out, lse
+
+    def _decode(self, q, layer: int, sinks: Any, want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """The checked call into C: float32 output, the log-sum-exps (empty unless wanted), q's dtype."""
         q, layer, num_q_heads = self.check(q, layer)
         sink = self.sinks(sinks, num_q_heads)  # float32, contiguous, [num_kv_heads * group]: what C reads
         qf = q.float().contiguous()
         out = torch.empty(qf.shape, dtype=torch.float32)
+        lse = torch.empty(qf.shape[:2] if want_lse else (0,), dtype=torch.float32)
         k, v = self.storage.pools(layer)
         scales = self.storage.scales(layer)
         ks, vs = (0, 0) if scales is None else (scales[0].data_ptr(), scales[1].data_ptr())
@@ -116,11 +138,13 @@ class NativeDecodePlan(TorchPlanBase):
                 num_q_heads // self.num_kv_heads, self.head_dim, self.block_size, p.sliding_window or 0,
                 k.element_size())
         extra = {"chunk": p.chunk_size or 0, "sinks": 0 if sink is None else sink.data_ptr()}
+        if want_lse:
+            extra["lse"] = lse.data_ptr()
         found = _run(args, (NATIVE_DTYPES[k.dtype], p.scale, p.soft_cap or 0.0), self.index.batch,
                      self.num_kv_heads, self.variant, extra)
         if found is not None:
             raise _bounds_error(found, num_blocks, self.tables.shape[1] * self.block_size)
-        return out if q.dtype == torch.float32 else out.to(q.dtype)
+        return out, lse, q.dtype
 
 
 def _bounds_error(found: tuple[int, int, int, int], num_blocks: int, capacity: int) -> PagedKvError:

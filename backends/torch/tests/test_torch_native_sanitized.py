@@ -56,7 +56,8 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
                     f"-I{sysconfig.get_paths()['include']}", str(CSRC / "cpu_decode.c"), "-o", str(module)],
                    check=True, capture_output=True, text=True)
     tests = [str(Path(__file__).with_name(name)) for name in ("test_torch_native_decode.py",
-                                                              "test_torch_native_bounds.py")]
+                                                              "test_torch_native_bounds.py",
+                                                              "test_torch_native_lse.py")]
     env = dict(os.environ, LD_PRELOAD=f"{asan} {ubsan}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     child = subprocess.run([sys.executable, "-c", LOADER, str(module), *tests], env=env, cwd=Path.cwd(),
