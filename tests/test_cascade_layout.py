@@ -3,6 +3,7 @@
 import numpy as np
 
 from pagedkv_core import AllocationRequest, CacheConfig, PagedKvCacheManager, build_cascade
+from pagedkv_core.contract.attention import check_batch
 from pagedkv_numpy.storage import NumpyStorage
 
 
@@ -67,3 +68,16 @@ def test_groups_split_where_rows_differ():
     layout = build_cascade(tables, np.full(5, 16), 4, min_group_size=2, min_shared_blocks=2)
     assert [layout.group(g)[0].tolist() for g in range(layout.num_groups)] == [[0, 1], [2, 3, 4]]
     assert [layout.group(g)[1].tolist() for g in range(layout.num_groups)] == [[1, 2, 3], [1, 7, 8]]
+
+
+def test_rows_in_no_group_make_their_own_decode_batch():
+    tables = np.array([[1, 2, 3, 4], [1, 2, 3, 5], [6, 7, -1, -1], [1, 2, 3, 8]])
+    lens = np.array([16, 15, 7, 14])
+    layout = build_cascade(tables, lens, 4, min_group_size=2, min_shared_blocks=2)
+    rest = layout.ungrouped_rows()
+    assert rest.tolist() == [2]
+    index = check_batch(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=16, block_size=4),
+                        tables, lens)
+    sub = index.decode_rows(rest)
+    assert sub.is_decode and sub.block_tables.tolist() == [[6, 7, -1, -1]] and sub.seq_lens.tolist() == [7]
+    assert sub.query_start_loc.tolist() == [0, 1] and sub.query_lens.tolist() == [1]

@@ -42,6 +42,10 @@ class CascadeLayout:
     shared_tokens: np.ndarray
     block_size: int
 
+    def ungrouped_rows(self) -> np.ndarray:
+        """The batch rows in no group (they read no shared level)."""
+        return np.flatnonzero(self.shared_tokens == 0)
+
     @property
     def num_groups(self) -> int:
         return int(self.group_indptr.shape[0] - 1)

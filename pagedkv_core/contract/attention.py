@@ -142,6 +142,11 @@ class BatchIndex:
     def num_queries(self) -> int:
         return int(self.query_start_loc[-1])
 
+    def decode_rows(self, rows: np.ndarray) -> BatchIndex:
+        """The decode batch of ``rows`` alone: how a cascade plan hands its rows in no group to the ordinary plan."""
+        return BatchIndex(self.block_tables[rows], self.seq_lens[rows], np.arange(rows.size + 1, dtype=np.int64),
+                          np.ones(rows.size, np.int64), True)
+
 
 def check_batch(
     config: CacheConfig,

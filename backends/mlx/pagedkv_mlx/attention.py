@@ -191,10 +191,6 @@ class MlxAttention(AttentionBase):
         kernel = self.kernel if self.kernel != "auto" else ("host" if storage.device == "cpu" else "mlx")
         if kernel != "host" or storage.quantized or not layout.num_groups:
             return self.plan_index(storage, index, params)
-        rest = np.flatnonzero(layout.shared_tokens == 0)
-        rest_plan = None
-        if rest.size:
-            sub = BatchIndex(index.block_tables[rest], index.seq_lens[rest], np.arange(rest.size + 1),
-                             np.ones(rest.size, np.int64), True)
-            rest_plan = MlxPlan(storage, sub, params, "host")
+        rest = layout.ungrouped_rows()
+        rest_plan = MlxPlan(storage, index.decode_rows(rest), params, "host") if rest.size else None
         return MlxCascadePlan(storage, index, params, layout, rest_plan, rest)

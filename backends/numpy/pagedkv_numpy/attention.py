@@ -557,10 +557,6 @@ class NumpyAttention(AttentionBase):
                                sliding_window=params.sliding_window, chunk_size=params.chunk_size)
         if storage.quantized or not layout.num_groups:
             return self.plan_index(storage, index, params)
-        rest = np.flatnonzero(layout.shared_tokens == 0)
-        rest_plan = None
-        if rest.size:
-            sub = BatchIndex(index.block_tables[rest], index.seq_lens[rest], np.arange(rest.size + 1),
-                             np.ones(rest.size, np.int64), True)
-            rest_plan = self.plan_index(storage, sub, params)
+        rest = layout.ungrouped_rows()
+        rest_plan = self.plan_index(storage, index.decode_rows(rest), params) if rest.size else None
         return NumpyCascadePlan(storage, index, params, layout, rest_plan, rest)

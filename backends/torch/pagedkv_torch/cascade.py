@@ -77,13 +77,8 @@ def cascade_plan(attention: TorchAttention, storage: TorchStorage, index: BatchI
                            sliding_window=params.sliding_window, chunk_size=params.chunk_size)
     if storage.quantized or layout.num_groups == 0:
         return attention.plan_index(storage, index, params)
-    rest = np.flatnonzero(layout.shared_tokens == 0)
-    rest_plan = None
-    if rest.size:
-        ones = np.ones(rest.size, np.int64)
-        rest_index = BatchIndex(index.block_tables[rest], index.seq_lens[rest],
-                                np.arange(rest.size + 1, dtype=np.int64), ones, True)
-        rest_plan = attention.plan_index(storage, rest_index, params)
+    rest = layout.ungrouped_rows()
+    rest_plan = attention.plan_index(storage, index.decode_rows(rest), params) if rest.size else None
     native = attention.kernel_for(storage) == "native"
     return TorchCascadePlan(storage, index, params, layout, rest_plan, rest, attention.tile_bytes, native=native)
 
