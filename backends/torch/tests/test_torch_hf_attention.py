@@ -82,8 +82,12 @@ def reference(model, implementation, ids, mask, **options):
         model.set_attn_implementation("pagedkv")
 
 
-def paged(model, ids, mask, **options):
-    cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4)
+def paged(model, ids, mask, *, dtype=None, implementation=None, **options):
+    """Generate through a fresh ``PagedCache`` (pool ``dtype``: the model's when ``None``), optionally switching
+    the model's attention ``implementation`` first."""
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+    cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4, dtype=dtype)
     cache.begin(ids, mask)
     return generate(model, cache, ids, mask, **options)
 
@@ -190,13 +194,9 @@ def test_int8_pool_matches_its_gather(name, gathers):
     """A quantized pool: the kernel dequantizes as the gather does (DynamicCache holds other values)."""
     model, _ = build(name)
     ids, mask = prompts()
-    results = {}
-    for implementation in ("sdpa", "pagedkv"):
-        model.set_attn_implementation(implementation)
-        cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4, dtype="int8")
-        cache.begin(ids, mask)
-        gathers[0] = 0
-        results[implementation] = generate(model, cache, ids, mask)
+    results = {"sdpa": paged(model, ids, mask, dtype="int8", implementation="sdpa")}
+    gathers[0] = 0
+    results["pagedkv"] = paged(model, ids, mask, dtype="int8", implementation="pagedkv")
     assert gathers[0] == 0
     assert torch.equal(results["pagedkv"][0], results["sdpa"][0])
     torch.testing.assert_close(results["pagedkv"][1], results["sdpa"][1], rtol=1e-4, atol=1e-4)
@@ -234,12 +234,8 @@ def test_a_pool_of_another_dtype_prefills_from_the_pool(prefill_plans):
     """A bfloat16 pool under a float32 model holds rounded K/V: the prefill reads them, as the gather would."""
     model, _ = build("llama-gqa")
     ids, mask = prompts()
-    results = {}
-    for implementation in ("sdpa", "pagedkv"):
-        model.set_attn_implementation(implementation)
-        cache = PagedCache.from_model_config(model.config, num_blocks=128, block_size=4, dtype="bfloat16")
-        cache.begin(ids, mask)
-        results[implementation] = generate(model, cache, ids, mask)
+    results = {implementation: paged(model, ids, mask, dtype="bfloat16", implementation=implementation)
+               for implementation in ("sdpa", "pagedkv")}
     assert prefill_plans[0] == 1  # one cache group, one step
     assert torch.equal(results["pagedkv"][0], results["sdpa"][0])
 
