@@ -22,6 +22,9 @@ crosses block boundaries.
 * ``test_failed_append_cost``: 256 sequences at a block boundary and no free
   block, so ``append_slots`` raises ``OutOfBlocks``; its time against a
   successful step of the same batch in a pool with room.
+* ``test_decode_step_breakdown``: at 256 running, each part of the step
+  (record lookup, duplicate check, validation, commit) timed alone, and the
+  whole step with prefix caching off and with sha256.
 
 Run: ``python -m pytest benchmarks/test_bench_decode_step.py -m benchmark --benchmark-only -s -p no:cacheprovider``.
 """
@@ -172,3 +175,44 @@ def test_failed_append_cost(benchmark):
           f"{spread(timings['succeeded'])} us, failed/succeeded {spread(ratios)} over 21 rounds")
     step.full.check_invariants()
     assert step.full.pool.num_free == 0
+
+
+def _part_ns_per_token(part: str, running: int = 256) -> float:
+    """ns per token of one part of the decode step, timed alone over STEPS steps of a fresh manager."""
+    prefix = "sha256" if part == "whole step, sha256" else "off"
+    manager = _manager(65536, prefix)
+    rng = np.random.default_rng(0)
+    ids = [f"r{i}" for i in range(running)]
+    for rid, length in zip(ids, _prompt_lengths(running)):
+        manager.allocate(AllocationRequest(rid, token_ids=rng.integers(0, 32000, length).tolist()))
+    seqs = manager.sequences.find_many(ids)
+    token_steps = [list(range(s * running, (s + 1) * running)) for s in range(STEPS)]
+    calls = {
+        "record lookup": lambda tokens: manager.sequences.find_many(ids),
+        "duplicate check": lambda tokens: len(set(ids)),
+        "validation": lambda tokens: manager.growth.append_need(seqs),
+        "commit": lambda tokens: manager.growth.append_checked(ids, seqs, tokens),
+        "whole step, prefix off": lambda tokens: manager.append_slots(ids, tokens),
+        "whole step, sha256": lambda tokens: manager.append_slots(ids, tokens),
+    }
+    call = calls[part]
+    start = time.perf_counter()
+    for tokens in token_steps:
+        call(tokens)
+    return 1e9 * (time.perf_counter() - start) / (STEPS * running)
+
+
+PARTS = ("record lookup", "duplicate check", "validation", "commit", "whole step, prefix off", "whole step, sha256")
+
+
+def test_decode_step_breakdown(benchmark):
+    """Where a step's time goes at 256 running: each part alone (prefix caching off), and the whole step."""
+    sides = {part: (lambda part=part: _part_ns_per_token(part)) for part in PARTS}
+    timings = benchmark.pedantic(interleaved, args=(sides,), rounds=1, iterations=1)
+    medians = {part: statistics.median(values) for part, values in timings.items()}
+    benchmark.extra_info.update({f"{part} ns/token": round(value) for part, value in medians.items()})
+    whole = medians["whole step, prefix off"]
+    print("\n256 running, ns per token (median of 7 interleaved rounds; share of the step with prefix caching off):")
+    for part in PARTS:
+        print(f"  {part:24s} {spread(timings[part])}  {medians[part] / whole:.0%}")
+    assert all(value > 0 for value in medians.values())
