@@ -140,6 +140,22 @@ class BlockPool:
             self.trim_cached(self.max_cached)
         return freed
 
+    def must_copy(self, block: int) -> bool:
+        """Whether an owner must copy ``block`` before writing into it: others share it, or a prefix hash names
+        its contents (a full block a trim cut short, whose other owners have since left)."""
+        return self.ref[block] > 1 or self.block_hash[block] is not None
+
+    def release_copied(self, block: int) -> None:
+        """Give up the reference of an owner that copied ``block`` to write into the copy (copy-on-write).
+
+        Shared, the others keep it; sole but cached, it returns to the free
+        queue still cached, so later prompts with that prefix still hit it.
+        """
+        if self.ref[block] > 1:
+            self.drop_reference(block)
+        else:
+            self.free((block,))
+
     def drop_reference(self, block: int) -> None:
         """Give up one of several references (copy-on-write moved an owner away); the block stays in use."""
         if self.ref[block] < 2:

@@ -56,7 +56,7 @@ class Growth:
     def append_checked(self, request_ids: Seq[str], seqs: list[Sequence],
                        token_ids: Seq[int] | None) -> BatchMetadata:
         """Commit a decode step whose batch :meth:`append_need` validated and whose blocks are free."""
-        pool, ref, bs = self.pool, self.pool.ref, self.block_size
+        pool, ref, cached, bs = self.pool, self.pool.ref, self.pool.block_hash, self.block_size
         tables, now, hash_full = self.sequences.tables, self.clock(), self.prefix.hash_full_blocks
         allocate_one, append_to_row = pool.allocate_one, tables.append
         slots: list[int] = []
@@ -69,10 +69,11 @@ class Growth:
             offset = n % bs
             if offset:
                 block = blocks[-1]
-                if ref[block] > 1:  # shared partly filled block: copy on write
+                if ref[block] > 1 or cached[block] is not None:  # shared or cached partly filled block: copy
                     cow_src.append(block)
-                    pool.drop_reference(block)
-                    block = allocate_one()
+                    copy = allocate_one()
+                    pool.release_copied(block)
+                    block = copy
                     cow_dst.append(block)
                     blocks[-1] = block
                     tables.tables[seq.row, len(blocks) - 1] = block
@@ -103,7 +104,7 @@ class Growth:
 
     def append_need(self, seqs: list[Sequence]) -> int:
         """Free blocks a decode step of ``seqs`` takes; raises for every other reason it would fail."""
-        ref, bs, width = self.pool.ref, self.block_size, self.sequences.max_width
+        ref, cached, bs, width = self.pool.ref, self.pool.block_hash, self.block_size, self.sequences.max_width
         needed = 0
         for seq in seqs:
             if seq.state is not RUNNING:
@@ -113,7 +114,7 @@ class Growth:
                 if len(seq.blocks) >= width:
                     raise OutOfBounds(seq.num_tokens, width * bs)
                 needed += 1
-            elif ref[seq.blocks[-1]] > 1:
+            elif ref[seq.blocks[-1]] > 1 or cached[seq.blocks[-1]] is not None:  # copy on write
                 needed += 1
         return needed
 
@@ -141,7 +142,7 @@ class Growth:
     def reserve_checked(self, seqs: list[Sequence], counts: list[int], token_ids: Seq[Seq[int] | None] | None,
                         widest: int) -> None:
         """Reserve slots whose need :meth:`reserve_need` computed and the caller saw to be free."""
-        bs, ref = self.block_size, self.pool.ref
+        bs = self.block_size
         cow_src: list[int] = []
         cow_dst: list[int] = []
         tables = self.sequences.tables
@@ -153,11 +154,11 @@ class Growth:
             if not n:
                 continue
             blocks, row = seq.blocks, seq.row
-            if seq.num_tokens % bs and ref[blocks[-1]] > 1:
+            if seq.num_tokens % bs and self.pool.must_copy(blocks[-1]):
                 (fresh,) = self.pool.allocate(1)
                 cow_src.append(blocks[-1])
                 cow_dst.append(fresh)
-                self.pool.drop_reference(blocks[-1])  # other owners keep it
+                self.pool.release_copied(blocks[-1])  # other owners, or the prefix cache, keep it
                 blocks[-1] = fresh
                 table[row, len(blocks) - 1] = fresh
             total = seq.num_tokens + n
@@ -183,7 +184,7 @@ class Growth:
     def reserve_need(self, seqs: list[Sequence], counts: list[int],
                      token_ids: Seq[Seq[int] | None] | None) -> tuple[int, int]:
         """Free blocks a reservation takes and the widest row it needs; raises for every other reason it would fail."""
-        bs, width, ref = self.block_size, self.sequences.max_width, self.pool.ref
+        bs, width = self.block_size, self.sequences.max_width
         needed = widest = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if n < 0:
@@ -194,7 +195,7 @@ class Growth:
                 raise OutOfBounds(total - 1, width * bs)
             widest = max(widest, blocks)
             needed += blocks - len(seq.blocks)
-            if n and seq.num_tokens % bs and ref[seq.blocks[-1]] > 1:
+            if n and seq.num_tokens % bs and self.pool.must_copy(seq.blocks[-1]):
                 needed += 1
             given = None if token_ids is None else token_ids[i]
             if given is not None and len(given) != n:
